@@ -1,0 +1,1 @@
+"""Data sources, transforms and deterministic, resumable, per-process iterators."""

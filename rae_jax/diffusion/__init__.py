@@ -1,0 +1,1 @@
+"""Flow-matching transport and samplers (stage 2)."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID Inception, FID/IS/precision-recall, reconstruction metrics, sharded sampling."""

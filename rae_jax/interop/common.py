@@ -1,0 +1,67 @@
+"""Shared helpers for name maps: flat dicts, clear errors naming file, key and shapes."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class StateDictError(ValueError):
+  """A state_dict / checkpoint does not match the model it is loaded into."""
+
+
+def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Nested dict (flax params) -> {'a/b/c': leaf}."""
+  out: dict[str, Any] = {}
+
+  def rec(prefix, node):
+    if isinstance(node, Mapping):
+      for k, v in node.items():
+        rec(f"{prefix}{sep}{k}" if prefix else str(k), v)
+    else:
+      out[prefix] = node
+
+  rec("", tree)
+  return out
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """{'a/b/c': leaf} -> nested dict."""
+  out: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = out
+    parts = key.split(sep)
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = value
+  return out
+
+
+def check_keys(expected, got, source: str = "state_dict") -> None:
+  """Raise naming the missing and unexpected keys."""
+  expected, got = set(expected), set(got)
+  missing, unexpected = sorted(expected - got), sorted(got - expected)
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
+    if unexpected:
+      parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+    raise StateDictError(f"{source}: " + "; ".join(parts))
+
+
+def check_shape(key: str, got_shape, expected_shape, source: str = "state_dict") -> None:
+  """Raise naming the key and both shapes."""
+  if tuple(got_shape) != tuple(expected_shape):
+    raise StateDictError(
+        f"{source}: key '{key}' has shape {tuple(got_shape)}, expected {tuple(expected_shape)}")
+
+
+def to_numpy(x) -> np.ndarray:
+  """torch.Tensor / jax.Array / numpy -> numpy (no torch import needed)."""
+  if hasattr(x, "detach"):
+    x = x.detach().cpu()
+    if str(x.dtype) == "torch.bfloat16":
+      x = x.float()
+    return x.numpy()
+  return np.asarray(x)

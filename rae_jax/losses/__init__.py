@@ -1,0 +1,1 @@
+"""Stage-1 losses: LPIPS, DINO discriminator, DiffAug, GAN losses."""

@@ -1,0 +1,1 @@
+"""Flax models: DiTDH, LightningDiT, ViT decoder, frozen encoders, RAE wrapper."""

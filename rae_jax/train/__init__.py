@@ -1,0 +1,1 @@
+"""Mesh, sharding rules, train state, train steps, checkpoints."""
