@@ -1,0 +1,87 @@
+"""ViTDecoder params <-> official `GeneralDecoder.state_dict()` (the released decoder `model.pt`).
+
+Export includes the fixed `decoder_pos_embed` buffer so `load_state_dict(strict=True)` works; on
+import that buffer is shape-checked and otherwise ignored (we recompute the same sin-cos table).
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rae_jax.interop import vit_names as vn
+from rae_jax.interop.common import StateDictError, check_shape, flatten, unflatten
+from rae_jax.interop.hf_encoders import read_tensors
+from rae_jax.models.decoder import ViTDecoder
+
+POS_KEY = "decoder_pos_embed"
+
+
+def decoder_table(module: ViTDecoder) -> list[vn.Entry]:
+  t = vn.dense("decoder_embed", "decoder_embed")
+  t.append(("trainable_cls_token", "trainable_cls_token", "same"))
+  for i in range(module.decoder_num_hidden_layers):
+    t += vn.block(f"decoder_layers_{i}", f"decoder_layers.{i}", vn.MAE_BLOCK, module.qkv_bias)
+  t += vn.norm("decoder_norm", "decoder_norm")
+  t += vn.dense("decoder_pred", "decoder_pred")
+  return t
+
+
+def param_shapes(module: ViTDecoder) -> dict[str, tuple]:
+  """Flat param shapes via jax.eval_shape: nothing is allocated, so XL is cheap."""
+  z = jax.ShapeDtypeStruct((1, module.num_patches, module.hidden_size), jnp.float32)
+  tree = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), z)["params"]
+  return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+def state_dict_shapes(module: ViTDecoder) -> dict[str, tuple]:
+  """{torch key: shape} of the official module's state_dict for this config."""
+  shapes = param_shapes(module)
+  table = decoder_table(module)
+  vn.check_table(table, shapes, "decoder")
+  out = {POS_KEY: (1, module.num_patches + 1, module.decoder_hidden_size)}
+  out.update({t: vn.torch_shape(kind, shapes[o]) for o, t, kind in table})
+  return out
+
+
+def to_state_dict(module: ViTDecoder, params) -> dict[str, np.ndarray]:
+  """Our params -> official state_dict (numpy, torch layout)."""
+  sd = {POS_KEY: module.pos_embed()}
+  sd.update(vn.export_tensors(decoder_table(module), flatten(jax.device_get(params))))
+  return sd
+
+
+def from_state_dict(module: ViTDecoder, state_dict: Mapping, source: str = "decoder state_dict"):
+  """Official state_dict -> our nested params. Strict: unknown keys are an error too."""
+  shapes = param_shapes(module)
+  table = decoder_table(module)
+  vn.check_table(table, shapes, "decoder")
+  unexpected = sorted(set(state_dict) - {t for _, t, _ in table} - {POS_KEY})
+  if unexpected:
+    raise StateDictError(f"{source}: unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+  if POS_KEY in state_dict:
+    check_shape(POS_KEY, np.shape(state_dict[POS_KEY]),
+                (1, module.num_patches + 1, module.decoder_hidden_size), source)
+  return unflatten(vn.import_tensors(table, state_dict, shapes, source))
+
+
+def load_decoder_params(module: ViTDecoder, path) -> dict:
+  """Read an official decoder checkpoint (model.pt / .safetensors / .npz) into our params."""
+  path = pathlib.Path(path)
+  params = from_state_dict(module, read_tensors(path), source=str(path))
+  return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def save_decoder_state_dict(module: ViTDecoder, params, path) -> None:
+  """Write an official-layout checkpoint: torch.save for .pt/.pth, else safetensors."""
+  path = pathlib.Path(path)
+  sd = to_state_dict(module, params)
+  if path.suffix in (".pt", ".pth", ".bin"):
+    import torch
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(path))
+  else:
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))

@@ -1,0 +1,175 @@
+"""Frozen ViT encoders of RAE, channels-last, as the official stage-1 wrappers use them.
+
+Each maps normalised images (B, H, W, 3) to patch tokens (B, N, C) and, like the wrappers, ends in
+a final LayerNorm WITHOUT affine (the checkpoint's weight/bias are dropped):
+  dinov2_reg  Dinov2WithRegistersModel, drops CLS + register tokens (`Dinov2withNorm`)
+  siglip2     SigLIP vision tower (`SiglipModel(...).vision_model`), all tokens (`SigLIP2wNorm`)
+  mae         ViTMAEModel with masking disabled (identity order), drops CLS (`MAEwNorm`)
+  toy_vit     a tiny randomly initialised MAE-style ViT for demos/tests (no weights)
+Position embeddings are interpolated to the input grid exactly as HF does (DINOv2: antialiased
+bicubic; SigLIP/MAE: plain bicubic), only when the grid or aspect differs from the checkpoint's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rae_jax.models import resize as rs
+from rae_jax.models.vit_blocks import ViTBlock, layer_norm
+
+Dtype = Any
+
+
+def _patchify(x: jnp.ndarray, hidden: int, patch: int, dtype) -> jnp.ndarray:
+  y = nn.Conv(hidden, (patch, patch), strides=(patch, patch), padding="VALID", dtype=dtype,
+              name="patch_embed")(x)
+  b, gh, gw, c = y.shape
+  return y.reshape(b, gh * gw, c)
+
+
+def _grid_pos(pos: jnp.ndarray, grid: tuple[int, int], pixels: tuple[int, int], mode: str):
+  """(n, C) square position table -> (gh*gw, C) for the input grid, HF's interpolation rule."""
+  n, c = pos.shape
+  if grid[0] * grid[1] == n and pixels[0] == pixels[1]:
+    return pos
+  side = math.isqrt(n)
+  out = rs.resize(pos.reshape(1, side, side, c), grid, mode)
+  return out.reshape(grid[0] * grid[1], c)
+
+
+def _blocks(x, n_layers, heads, mlp_dim, eps, act, qkv_bias, layerscale, dtype):
+  for i in range(n_layers):
+    x = ViTBlock(heads, mlp_dim, eps, act, qkv_bias, layerscale, dtype, name=f"blocks_{i}")(x)
+  return x
+
+
+class Dinov2RegEncoder(nn.Module):
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  mlp_ratio: float = 4.0
+  patch_size: int = 14
+  image_size: int = 518
+  num_register_tokens: int = 4
+  layer_norm_eps: float = 1e-6
+  layerscale_value: float = 1.0
+  hidden_act: str = "gelu"
+  qkv_bias: bool = True
+  use_swiglu_ffn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if self.use_swiglu_ffn:
+      raise ValueError("dinov2_reg: use_swiglu_ffn=True (giant checkpoints) is not supported")
+    b, h, w, _ = x.shape
+    c, p = self.hidden_size, self.patch_size
+    n_pos = (self.image_size // p) ** 2
+    tokens = _patchify(x, c, p, self.dtype)
+    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, c))
+    pos = self.param("position_embeddings", nn.initializers.normal(0.02), (1, n_pos + 1, c))
+    reg = self.param("register_tokens", nn.initializers.zeros, (1, self.num_register_tokens, c))
+    patch_pos = _grid_pos(pos[0, 1:], (h // p, w // p), (h, w), "bicubic_aa")
+    tokens = tokens + patch_pos[None].astype(tokens.dtype)
+    first = jnp.broadcast_to((cls + pos[:, :1]).astype(tokens.dtype), (b, 1, c))
+    regs = jnp.broadcast_to(reg.astype(tokens.dtype), (b, self.num_register_tokens, c))
+    x = jnp.concatenate([first, regs, tokens], axis=1)
+    x = _blocks(x, self.num_hidden_layers, self.num_attention_heads, int(c * self.mlp_ratio),
+                self.layer_norm_eps, self.hidden_act, self.qkv_bias, self.layerscale_value,
+                self.dtype)
+    x = layer_norm(self.layer_norm_eps, "final_norm", affine=False, dtype=self.dtype)(x)
+    return x[:, 1 + self.num_register_tokens:]
+
+
+class SiglipEncoder(nn.Module):
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  patch_size: int = 16
+  image_size: int = 256
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = "gelu_pytorch_tanh"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    _, h, w, _ = x.shape
+    c, p = self.hidden_size, self.patch_size
+    n_pos = (self.image_size // p) ** 2
+    tokens = _patchify(x, c, p, self.dtype)
+    pos = self.param("position_embedding", nn.initializers.normal(1.0), (n_pos, c))
+    tokens = tokens + _grid_pos(pos, (h // p, w // p), (h, w), "bicubic")[None].astype(tokens.dtype)
+    x = _blocks(tokens, self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
+                self.layer_norm_eps, self.hidden_act, True, None, self.dtype)
+    return layer_norm(self.layer_norm_eps, "final_norm", affine=False, dtype=self.dtype)(x)
+
+
+class MAEEncoder(nn.Module):
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  patch_size: int = 16
+  image_size: int = 224
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, h, w, _ = x.shape
+    c, p = self.hidden_size, self.patch_size
+    n_pos = (self.image_size // p) ** 2
+    tokens = _patchify(x, c, p, self.dtype)
+    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, c))
+    pos = self.param("position_embeddings", nn.initializers.normal(0.02), (1, n_pos + 1, c))
+    tokens = tokens + _grid_pos(pos[0, 1:], (h // p, w // p), (h, w), "bicubic")[None].astype(
+        tokens.dtype)
+    # mask_ratio 0 with noise = arange: random_masking keeps every token in its original order.
+    first = jnp.broadcast_to((cls + pos[:, :1]).astype(tokens.dtype), (b, 1, c))
+    x = jnp.concatenate([first, tokens], axis=1)
+    x = _blocks(x, self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
+                self.layer_norm_eps, self.hidden_act, self.qkv_bias, None, self.dtype)
+    x = layer_norm(self.layer_norm_eps, "final_norm", affine=False, dtype=self.dtype)(x)
+    return x[:, 1:]
+
+
+ENCODERS = {"dinov2_reg": Dinov2RegEncoder, "siglip2": SiglipEncoder, "mae": MAEEncoder,
+            "toy_vit": MAEEncoder}
+ALIASES = {"Dinov2withNorm": "dinov2_reg", "dinov2": "dinov2_reg",
+           "dinov2_with_registers": "dinov2_reg", "SigLIP2wNorm": "siglip2", "siglip": "siglip2",
+           "MAEwNorm": "mae", "vit_mae": "mae"}
+# A demo-sized random encoder: 64x64 input, 8x8 grid of 64-d tokens.
+TOY_VIT_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, patch_size=8, image_size=64, layer_norm_eps=1e-6)
+# Image normalisation when no HF preprocessor_config.json exists (toy encoder).
+TOY_IMAGE_MEAN = (0.5, 0.5, 0.5)
+TOY_IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+def canonical_encoder_name(name: str) -> str:
+  key = ALIASES.get(name, name)
+  if key not in ENCODERS:
+    valid = sorted(ENCODERS) + sorted(ALIASES)
+    raise ValueError(f"unknown encoder {name!r}; valid names: {valid}")
+  return key
+
+
+def build_encoder(name: str, config: Optional[Mapping[str, Any]] = None, **overrides) -> nn.Module:
+  """Encoder module by name; `config` may be a whole HF config dict (unknown keys ignored)."""
+  key = canonical_encoder_name(name)
+  cls = ENCODERS[key]
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  kwargs = dict(TOY_VIT_DEFAULTS) if key == "toy_vit" else {}
+  kwargs.update({k: v for k, v in (config or {}).items() if k in fields})
+  bad = sorted(set(overrides) - fields)
+  if bad:
+    raise ValueError(f"encoder {key!r} has no fields {bad}; valid fields: {sorted(fields)}")
+  kwargs.update(overrides)
+  return cls(**kwargs)
