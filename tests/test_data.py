@@ -339,6 +339,13 @@ def test_latent_cache_writer_reader_and_flip_choice(tmp_path):
   np.testing.assert_array_equal(batch["label"], labels[idx])
   np.testing.assert_array_equal(batch["latent"], lat[idx, flips.astype(int)])
   assert 0 < flips.sum() < 8
+
+  class PairsOnly:  # A latent source without the read_flip fast path.
+    kind = "latent"
+    __len__ = src.__len__
+    __getitem__ = src.__getitem__
+  with DataIterator(PairsOnly(), 8, seed=4, process_index=0, process_count=1, prefetch=0) as it:
+    np.testing.assert_array_equal(next(it)["latent"], batch["latent"])
   # Same flip choice as the image path for the same (seed, epoch, index).
   with DataIterator(IndexSource(n), 8, seed=4, process_index=0, process_count=1,
                     prefetch=0) as img_it:
@@ -348,6 +355,15 @@ def test_latent_cache_writer_reader_and_flip_choice(tmp_path):
 
 
 # --- prefetch shutdown and global arrays -----------------------------------------------------
+
+def test_all_unreadable_fails_clearly_and_keeps_state():
+  it = DataIterator(IndexSource(16, bad=range(16)), 4, seed=0, process_index=0, process_count=1,
+                    prefetch=2, num_threads=2)
+  with pytest.raises(RuntimeError, match="consecutive unreadable.*corrupt example"):
+    next(it)
+  assert it.state() == {"epoch": 0, "step_in_epoch": 0}
+  it.close()
+
 
 def test_close_stops_workers():
   it = DataIterator(SyntheticSource(64, 4, 16), 8, seed=0, process_index=0, process_count=1,

@@ -163,5 +163,10 @@ class LatentCacheSource:
     arr = self._arrays[self._shard[index]]
     return np.asarray(arr[self._row[index]], np.float32), int(self.labels[index])
 
+  def read_flip(self, index: int, flip: bool) -> tuple[np.ndarray, int]:
+    """Only the chosen (h, w, C) half of the pair: half the disk reads of `self[index]`."""
+    arr = self._arrays[self._shard[index]]
+    return np.asarray(arr[self._row[index], int(flip)], np.float32), int(self.labels[index])
+
   def describe(self, index: int) -> str:
     return f"latent cache entry {index} (dataset index {int(self.dataset_indices[index])})"

@@ -175,15 +175,21 @@ class DataIterator:
       logging.warning("data: skipping unreadable example %d (%s): %s: %s", index, where,
                       type(error).__name__, error)
 
-  def _read(self, index: int) -> tuple[Any, int, int]:
+  def _read(self, index: int, flip: bool) -> tuple[Any, int, int]:
     """source[index], or the next readable index; also returns how many were skipped."""
+    read_flip = getattr(self.source, "read_flip", None) if self.kind == "latent" else None
     n = self.num_examples
     for attempt in range(min(self.max_consecutive_failures, n)):
       candidate = (index + attempt) % n
       if candidate in self._bad:
         continue
       try:
-        example, label = self.source[candidate]
+        if read_flip is not None:  # Reads only the chosen half of a cached latent pair.
+          example, label = read_flip(candidate, flip)
+        else:
+          example, label = self.source[candidate]
+          if self.kind == "latent":
+            example = np.asarray(example)[int(flip)]
       except Exception as e:  # pylint: disable=broad-except
         self._mark_bad(candidate, e)
         continue
@@ -193,12 +199,13 @@ class DataIterator:
         f"{index}; last error: {self._bad.get(candidate)}")
 
   def _fill(self, batch: _PendingBatch, j: int, index: int, flip: bool) -> None:
-    example, label, skipped = self._read(int(index))
+    example, label, skipped = self._read(int(index), bool(flip))
     if self.kind == "latent":
       example = np.asarray(example)
-      if example.ndim != 4 or example.shape[0] != 2:
-        raise ValueError(f"latent source returned shape {example.shape}, expected (2, h, w, C)")
-      batch.slot(j, example.shape[1:])[...] = example[int(flip)]
+      if example.ndim != 3:
+        raise ValueError(f"latent source gave a latent of shape {example.shape} after choosing the "
+                         "flip, expected (h, w, C) (sources return (2, h, w, C) pairs)")
+      batch.slot(j, example.shape)[...] = example
     else:
       example = np.asarray(example)
       if example.dtype != np.uint8 or example.ndim != 3 or example.shape[-1] != 3:
@@ -240,8 +247,12 @@ class DataIterator:
     batch = self._pending.popleft()
     while len(self._pending) < self.prefetch:
       self._schedule()
-    for future in batch.futures:
-      future.result()  # Re-raises a worker's error here, in the training thread.
+    try:
+      for future in batch.futures:
+        future.result()  # Re-raises a worker's error here, in the training thread.
+    except BaseException:
+      self.restore(self.state())  # Keep state() and the schedule consistent for a retry.
+      raise
     skipped = int(batch.skipped.sum())
     if skipped:
       self.num_skipped += skipped
