@@ -1,0 +1,29 @@
+"""rae-jax entry point: one binary, one config, one workdir; --mode picks the job.
+
+  python main.py --config=configs/demo.py --workdir=/tmp/rae_demo            # whole pipeline
+  python main.py --config=configs/stage2_ditdh_xl_256.py --workdir=$W --mode=train_stage2 \
+      --config.stage2.global_batch_size=256
+
+Every mode resumes from what <workdir> already holds.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from rae_jax import modes
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Recipe (a get_config() file).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).")
+_MODE = flags.DEFINE_enum("mode", "all", sorted(modes.MODES), "What to run.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""What each --mode of main.py does, built from the library pieces."""

@@ -1,0 +1,117 @@
+"""Params-only snapshots: what import_torch writes and what sampling/fine-tuning start from.
+
+<workdir>/<stage>/weights/ holds {'params', 'ema_params'} (orbax, written to a temp dir and
+renamed, so a kill never leaves half a snapshot) and meta.json (source file, which weights, the
+model config). <workdir>/<stage>/checkpoints/ holds full TrainStates of our own runs; inference
+prefers the newest checkpoint and falls back to the snapshot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+WEIGHTS = "weights"
+META = "meta.json"
+
+
+def weights_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, WEIGHTS)
+
+
+def has_weights(workdir: str, stage: str) -> bool:
+  return os.path.exists(os.path.join(weights_dir(workdir, stage), META))
+
+
+def save_weights(workdir: str, stage: str, params: Any, ema_params: Optional[Any] = None,
+                 meta: Optional[dict] = None) -> str:
+  """Atomically (re)writes the snapshot; every process calls it, process 0 publishes it."""
+  final = weights_dir(workdir, stage)
+  tmp = final + ".tmp"
+  if jax.process_index() == 0 and os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  tree = {"params": params, "ema_params": params if ema_params is None else ema_params}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(tmp, "tree")), tree)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(tmp, META), "w") as f:
+      json.dump(dict(meta or {}), f, indent=2, default=str)
+    old = final + ".old"
+    if os.path.exists(final):
+      os.replace(final, old)
+    os.replace(tmp, final)
+    if os.path.exists(old):
+      shutil.rmtree(old)
+  return final
+
+
+def load_weights(workdir: str, stage: str, abstract: Optional[Any] = None) -> tuple[dict, dict]:
+  """-> ({'params', 'ema_params'}, meta). `abstract` (ShapeDtypeStructs with shardings for the
+  {'params','ema_params'} tree) restores straight into the wanted layout."""
+  d = weights_dir(workdir, stage)
+  if not os.path.exists(os.path.join(d, META)):
+    raise FileNotFoundError(f"{d}: no weights snapshot (run --mode=import_torch or train first)")
+  with open(os.path.join(d, META)) as f:
+    meta = json.load(f)
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.abspath(os.path.join(d, "tree")), abstract)
+  return tree, meta
+
+
+def to_host(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "checkpoints")
+
+
+def latest_checkpoint_step(workdir: str, stage: str) -> Optional[int]:
+  d = checkpoint_dir(workdir, stage)
+  if not os.path.isdir(d):
+    return None
+  with ocp.CheckpointManager(os.path.abspath(d), item_names=("state",)) as m:
+    return m.latest_step()
+
+
+def load_params(workdir: str, stage: str, mesh, which: str = "ema") -> tuple[Any, str]:
+  """Inference weights of a stage: newest complete training checkpoint, else the snapshot.
+
+  Restored FSDP-sharded over `mesh` whatever the layout it was saved with (so a run trained on
+  a pod samples on one host). which: 'ema' or 'params'. Returns (params, description).
+  """
+  from rae_jax.train import sharding as sharding_lib
+  if which not in ("ema", "params"):
+    raise ValueError(f"which={which!r}: use 'ema' or 'params'")
+  key = "ema_params" if which == "ema" else "params"
+
+  def abstract_of(meta_tree):
+    tree = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta_tree)
+    shard = sharding_lib.fsdp_shardings(tree, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                        shard)
+
+  step = latest_checkpoint_step(workdir, stage)
+  if step is not None:
+    d = os.path.abspath(checkpoint_dir(workdir, stage))
+    with ocp.CheckpointManager(d, item_names=("state",),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
+      meta = dict(m.item_metadata(step)["state"])
+      abstract = abstract_of(meta)
+      state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return state["state"][key], f"{d} step {step} ({key})"
+  if has_weights(workdir, stage):
+    d = os.path.abspath(os.path.join(weights_dir(workdir, stage), "tree"))
+    with ocp.StandardCheckpointer() as ckptr:
+      abstract = abstract_of(dict(ckptr.metadata(d).item_metadata))
+      tree = ckptr.restore(d, abstract)
+    return tree[key], f"{weights_dir(workdir, stage)} ({key})"
+  raise FileNotFoundError(
+      f"no weights for '{stage}' in {workdir}: neither {checkpoint_dir(workdir, stage)} nor "
+      f"{weights_dir(workdir, stage)} exists (train that stage or run --mode=import_torch)")
