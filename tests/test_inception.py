@@ -1,4 +1,4 @@
-"""FID Inception-v3: parity with pytorch-fid on seeded weights, resize, importer, random fallback."""
+"""FID Inception-v3: pytorch-fid parity on seeded weights, resize, importer, random fallback."""
 import json
 import zlib
 
@@ -77,7 +77,8 @@ def test_uint8_and_float_inputs_agree():
     inception.to_unit_float(x8.astype(np.int32))
 
 
-@pytest.mark.parametrize("src,dst", [((7, 9), (13, 20)), ((17, 31), (5, 12)), ((64, 64), (299, 299))])
+@pytest.mark.parametrize("src,dst",
+                         [((7, 9), (13, 20)), ((17, 31), (5, 12)), ((64, 64), (299, 299))])
 def test_bilinear_resize_matches_torch(src, dst):
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).normal(size=(2, *src, 3)).astype(np.float32)

@@ -56,7 +56,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FeatureStats:
   """Streaming mean/covariance in float64 (Chan et al.'s pairwise merge: no E[xx^T] - mu mu^T
   cancellation). Feed per-batch features with `update`; combine hosts/shards with `merge`."""
@@ -243,7 +243,7 @@ def npz_array_shape(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.
     return shape, dtype
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ReferenceBatch:
   """An ADM reference batch (e.g. `VIRTUAL_imagenet256_labeled.npz`): `mu`/`sigma` pool3
   statistics (float64), optional `mu_s`/`sigma_s` spatial (sFID) statistics, and `arr_0`, the
