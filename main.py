@@ -6,6 +6,8 @@
 
 Every mode resumes from what <workdir> already holds.
 """
+import logging as pylogging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -19,9 +21,18 @@ _MODE = flags.DEFINE_enum("mode", "all", sorted(modes.MODES), "What to run.")
 flags.mark_flag_as_required("workdir")
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Keep our INFO lines readable: orbax/XLA chatter only from WARNING up."""
+
+  def filter(self, record):
+    noisy = ("orbax", "jax/_src", "absl/logging")
+    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
 
 

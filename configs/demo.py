@@ -66,7 +66,6 @@ def get_config():
   c.eval.num_samples = 100
   c.eval.per_device_batch = 50
   c.eval.shard_size = 50
-  c.mesh.fsdp = 1  # one CPU device is fastest for the demo
   c.checkpoint.every_steps = 500
   c.log.every_steps = 100
   c.log.sample_every_steps = 0

@@ -72,9 +72,11 @@ def vit_decoder(name: str = "XL", *, patch_size: int = 16) -> mlc.ConfigDict:
 def optim(*, lr, final_lr, schedule, warmup_epochs, decay_end_epoch, epochs, warmup_from_zero,
           betas=(0.9, 0.95), weight_decay=0.0, clip_grad=0.0) -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
-      lr=lr, final_lr=final_lr, schedule=schedule, warmup_epochs=warmup_epochs,
-      decay_end_epoch=decay_end_epoch, epochs=epochs, warmup_from_zero=warmup_from_zero,
-      betas=tuple(betas), weight_decay=weight_decay, clip_grad=clip_grad,
+      lr=float(lr), final_lr=float(final_lr), schedule=schedule,
+      warmup_epochs=float(warmup_epochs), decay_end_epoch=float(decay_end_epoch),
+      epochs=float(epochs), warmup_from_zero=warmup_from_zero,
+      betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay),
+      clip_grad=float(clip_grad),
       # Set to a positive number to override `epochs` (demo, smoke tests).
       num_steps=-1,
   ))
@@ -117,8 +119,8 @@ def base_config() -> mlc.ConfigDict:
                   epochs=16, warmup_from_zero=True, clip_grad=0.0),
       loss=mlc.ConfigDict(dict(
           l1_weight=1.0,
-          perceptual_weight=1.0, lpips_start=0,
-          disc_weight=0.75, disc_start=8, disc_upd_start=6, disc_updates=1,
+          perceptual_weight=1.0, lpips_start=0.0,
+          disc_weight=0.75, disc_start=8.0, disc_upd_start=6.0, disc_updates=1,
           max_d_weight=1e4, disc_loss="hinge", gen_loss="vanilla",
           lpips_weights="",  # folder with torchvision vgg16 + LPIPS vgg.pth ('' = no LPIPS)
       )),

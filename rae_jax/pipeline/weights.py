@@ -100,8 +100,9 @@ def load_params(workdir: str, stage: str, mesh, which: str = "ema") -> tuple[Any
   step = latest_checkpoint_step(workdir, stage)
   if step is not None:
     d = os.path.abspath(checkpoint_dir(workdir, stage))
-    with ocp.CheckpointManager(d, item_names=("state",),
-                               item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(d, item_handlers=handlers) as m:
       meta = dict(m.item_metadata(step)["state"])
       abstract = abstract_of(meta)
       state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))

@@ -1,0 +1,217 @@
+"""--mode=eval, --mode=fid_stats, --mode=eval_recon, and the online eval hook of stage-2 training.
+
+Outputs under <workdir>/eval/:
+  shards/shard_XXXXX.npz, shards/manifest.json   resumable generation (rae_jax.eval.generation)
+  samples.npz                                    ADM format: arr_0 uint8 NHWC, arr_1 labels
+  pngs/XXXXXX.png                                with eval.write_pngs
+  metrics.json                                   IS, FID, precision/recall (+ what produced them)
+  fid_stats.npz                                  --mode=fid_stats: mu, sigma, pool3 of config.data
+  recon_metrics.json                             --mode=eval_recon: PSNR, SSIM, rFID
+  online_metrics.jsonl                           one line per online evaluation during training
+FID compares against eval.reference_npz (ADM's VIRTUAL_imagenet256_labeled.npz or a fid_stats
+file) or, when unset, against <workdir>/eval/fid_stats.npz if --mode=fid_stats wrote one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import logging
+
+from rae_jax.data import make_source
+from rae_jax.eval import generation, recon, scoring
+from rae_jax.pipeline import builders, common, generate, images, weights
+
+EVAL_DIR = "eval"
+FID_STATS = "fid_stats.npz"
+
+
+def eval_dir(workdir: str) -> str:
+  return os.path.join(workdir, EVAL_DIR)
+
+
+def eval_labels(config: mlc.ConfigDict, num_samples: int) -> np.ndarray:
+  """eval.label_sampling: 'equal' (num_samples/num_classes per class, class order, the official
+  default) or 'random' (uniform, from the run seed)."""
+  mode, k = config.eval.label_sampling, config.model.num_classes
+  if mode == "equal" and num_samples % k:
+    logging.warning("eval: %d samples are not a multiple of %d classes: the last classes get "
+                    "fewer samples", num_samples, k)
+  return generate.class_labels(num_samples, k, mode, generation.label_key(config.seed))
+
+
+def resolve_reference(config: mlc.ConfigDict, workdir: str,
+                      scorer: scoring.Scorer) -> Optional[scoring.Reference]:
+  path = config.eval.reference_npz
+  if not path:
+    ours = os.path.join(eval_dir(workdir), FID_STATS)
+    if not os.path.exists(ours):
+      logging.warning("eval: no eval.reference_npz and no %s: FID and precision/recall are "
+                      "skipped (run --mode=fid_stats or set eval.reference_npz)", ours)
+      return None
+    path = ours
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"eval.reference_npz={path!r} does not exist")
+  return scoring.load_reference(path, scorer)
+
+
+def _fingerprint(config: mlc.ConfigDict, workdir: str) -> dict:
+  """What the samples depend on: a mismatch means the existing shards are someone else's."""
+  def weights_of(stage):
+    step = weights.latest_checkpoint_step(workdir, stage)
+    if step is not None:
+      return f"checkpoint step {step}"
+    return "snapshot" if weights.has_weights(workdir, stage) else "none"
+  g = config.guidance
+  return dict(
+      seed=config.seed, label_sampling=config.eval.label_sampling,
+      compute_dtype=config.compute_dtype, model=config.model.to_dict(),
+      sampler=config.sampler.to_dict(), transport=config.transport.to_dict(),
+      guidance=g.to_dict() if g.method == "autoguidance" else
+      {k: g[k] for k in ("method", "scale", "t_min", "t_max")},
+      decoder=weights_of(builders.STAGE1_DIR), stage2=weights_of(builders.STAGE2_DIR),
+      guide=weights_of(builders.GUIDE_DIR) if g.method == "autoguidance" else "unused",
+      stats=builders.stats_path(config, workdir))
+
+
+def load_sampler(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema"):
+  """-> (sample_fn(labels, indices) -> uint8 images, rae). EMA stage-2 (and guide) weights,
+  stage-1 EMA decoder; noise keyed by the eval seed and the sample index."""
+  from rae_jax.pipeline.sample import load_models
+  model, params, guide_model, guide_params, rae, rae_vars = load_models(config, workdir, mesh,
+                                                                        which)
+  transport = generate.transport_for(config, rae.latent_shape)
+  gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
+  sampler = generation.ShardedSampler(gen, mesh, config.eval.per_device_batch)
+  return generation.bind(sampler, params, guide_params, rae_vars,
+                         generation.eval_seed_key(config.seed)), rae
+
+
+def _write_pngs(paths, directory: str) -> None:
+  reader = generation.ShardReader(paths)
+  os.makedirs(directory, exist_ok=True)
+  for i in range(len(reader)):
+    path = os.path.join(directory, f"{i:06d}.png")
+    if not os.path.exists(path):
+      images.write_png(reader.read(np.array([i]))[0], path)
+
+
+def run_eval(config: mlc.ConfigDict, workdir: str, *, mesh=None,
+             on_shard: Optional[Callable[[int, str], None]] = None) -> dict[str, Any]:
+  """Generate eval.num_samples images (resumable shards), samples.npz, then score them."""
+  mesh = mesh if mesh is not None else common.make_mesh(config)
+  e = config.eval
+  out = eval_dir(workdir)
+  sample_fn, _ = load_sampler(config, workdir, mesh)
+  labels = eval_labels(config, e.num_samples)
+  paths = generation.generate_shards(sample_fn, labels, os.path.join(out, "shards"),
+                                     e.shard_size, manifest=_fingerprint(config, workdir),
+                                     on_shard=on_shard)
+  samples = os.path.join(out, "samples.npz")
+  if common.is_main():
+    generation.assemble_samples_npz(paths, samples)
+    logging.info("eval: wrote %d samples to %s", len(labels), samples)
+    if e.write_pngs:
+      _write_pngs(paths, os.path.join(out, "pngs"))
+
+  scorer = scoring.Scorer.from_config(config, mesh)
+  feats = scoring.extract(scorer, generation.ShardReader(paths), len(labels),
+                          max_kept=len(labels))
+  reference = resolve_reference(config, workdir, scorer)
+  m = scoring.score(feats, reference, is_random=scorer.is_random)
+  m.update(samples=samples, label_sampling=e.label_sampling, seed=config.seed,
+           sampler=f"{config.sampler.mode} {config.sampler.method} {config.sampler.num_steps} steps",
+           guidance=f"{config.guidance.method} scale {config.guidance.scale}")
+  scoring.write_json(os.path.join(out, "metrics.json"), m)
+  logging.info("eval: %s", scoring.format_metrics(m))
+  return m
+
+
+def run_fid_stats(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> str:
+  """Reference statistics of config.data (every image): mu, sigma and the pool3 activations of
+  the first eval.num_samples images (precision/recall) -> <workdir>/eval/fid_stats.npz."""
+  mesh = mesh if mesh is not None else common.make_mesh(config)
+  source = make_source(config.data)
+  scorer = scoring.Scorer.from_config(config, mesh)
+  n = len(source)
+  logging.info("fid_stats: Inception features of %d images of %s", n, config.data.source)
+  feats = scoring.extract(scorer, scoring.source_reader(source, config.data.num_threads), n,
+                          max_kept=config.eval.num_samples)
+  path = os.path.join(eval_dir(workdir), FID_STATS)
+  if common.is_main():
+    desc = f"{config.data.source}:{config.data.tfds_name if config.data.source == 'tfds' else ''}"
+    scoring.save_stats(path, feats, is_random=scorer.is_random,
+                       source=f"{desc}{config.data.path}:{config.data.split}")
+    logging.info("fid_stats: %s%d images -> %s",
+                 f"[{scoring.RANDOM_LABEL}] " if scorer.is_random else "", n, path)
+  return path
+
+
+def run_eval_recon(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> dict[str, Any]:
+  """PSNR, SSIM and rFID of the RAE (stage-1 EMA decoder) on config.data's eval_split."""
+  from rae_jax.pipeline.stage2 import load_inference_rae
+  mesh = mesh if mesh is not None else common.make_mesh(config)
+  data_cfg = mlc.ConfigDict(config.data.to_dict())
+  data_cfg.split = config.data.eval_split or config.data.split
+  source = make_source(data_cfg)
+  rae, rae_vars = load_inference_rae(config, workdir, mesh)
+  if rae.image_size != config.data.image_size:
+    raise ValueError(f"eval_recon: decoder makes {rae.image_size}px images but "
+                     f"data.image_size={config.data.image_size}")
+  n = recon.default_num_images(config.eval.num_samples, len(source))
+  scorer = scoring.Scorer.from_config(config, mesh)
+  m = recon.evaluate_reconstruction(rae, rae_vars, scoring.source_reader(
+      source, config.data.num_threads), n, scorer)
+  m.update(split=data_cfg.split, source=config.data.source)
+  scoring.write_json(os.path.join(eval_dir(workdir), "recon_metrics.json"), m)
+  logging.info("eval_recon: %s", recon.recon_metrics_line(m))
+  return m
+
+
+def make_online_eval_hook(config: mlc.ConfigDict, workdir: str, *, mesh, model, rae,
+                          rae_vars, guide_model=None, guide_params=None, writer=None,
+                          params_of: Callable[[Any], Any] = lambda state: state.ema_params,
+                          scorer: Optional[scoring.Scorer] = None) -> Callable:
+  """hook(step, state, metrics) for `train_loop`: every eval.online_every_steps, samples
+  eval.online_num_samples images from params_of(state) (EMA) in memory, scores them, logs them
+  (TensorBoard via `writer`, online_metrics.jsonl) and returns the metrics; else None.
+
+  Compiled once (first call); the same indices/labels every time, so curves compare like with
+  like."""
+  every, n = int(config.eval.online_every_steps), int(config.eval.online_num_samples)
+  if every > 0 and n < 2:
+    raise ValueError(f"eval.online_num_samples must be >= 2 for FID, got {n}")
+  transport = generate.transport_for(config, rae.latent_shape)
+  gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
+  sampler = generation.ShardedSampler(gen, mesh, config.eval.per_device_batch)
+  labels = eval_labels(config, n) if every > 0 else None
+  seed_key = generation.eval_seed_key(config.seed)
+  lazy: dict[str, Any] = {"scorer": scorer}
+
+  def hook(step: int, state, metrics=None) -> Optional[dict]:
+    del metrics
+    if every <= 0 or step % every:
+      return None
+    if lazy["scorer"] is None:
+      lazy["scorer"] = scoring.Scorer.from_config(config, mesh)
+    if "reference" not in lazy:
+      lazy["reference"] = resolve_reference(config, workdir, lazy["scorer"])
+    s = lazy["scorer"]
+    imgs = sampler(params_of(state), guide_params, rae_vars, labels, np.arange(n), seed_key)
+    feats = scoring.extract(s, scoring.array_reader(imgs), n, max_kept=n)
+    m = scoring.score(feats, lazy["reference"], is_random=s.is_random)
+    scalars = {f"online_eval/{k}": v for k, v in m.items() if isinstance(v, float)}
+    if writer is not None:
+      writer.scalars(step, scalars)
+    if common.is_main():
+      os.makedirs(eval_dir(workdir), exist_ok=True)
+      with open(os.path.join(eval_dir(workdir), "online_metrics.jsonl"), "a") as f:
+        f.write(json.dumps(dict(m, step=int(step)), default=str) + "\n")
+    logging.info("online eval at step %d: %s", step, scoring.format_metrics(m))
+    return m
+
+  return hook

@@ -1,0 +1,159 @@
+"""Passes of the frozen encoder over a whole dataset: latent stats and the latent cache.
+
+Both visit every example exactly once (no dropped remainder: the last batch is padded and the
+padding masked out), batch-sharded over the mesh, each process reading only its rows.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from absl import logging
+
+from rae_jax import data as data_lib
+from rae_jax.interop import stats as stats_io
+from rae_jax.pipeline import builders, common
+from rae_jax.train import mesh as mesh_lib
+
+LATENT_CACHE = "latents"
+
+
+def _read(source, index: int, flip: bool) -> tuple[np.ndarray, int, bool]:
+  try:
+    img, label = source[int(index)]
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("skipping unreadable example %d (%s): %s", index,
+                    getattr(source, "describe", str)(index), e)
+    return None, -1, False
+  img = data_lib.transforms.to_unit_float(np.asarray(img))
+  if flip:
+    img = img[:, ::-1]
+  return img, int(label), True
+
+
+def full_pass(source, mesh, global_batch: int, flips: np.ndarray, num_threads: int = 4,
+              start_batch: int = 0) -> Iterator[tuple[int, jax.Array, np.ndarray, np.ndarray]]:
+  """Yields (batch number, global images (B,H,W,3), this process's indices, valid mask rows).
+
+  Unreadable examples are masked out and counted in the log (never silently dropped).
+  """
+  n = len(source)
+  rows = mesh_lib.process_batch_slice(mesh, global_batch)
+  num_batches = -(-n // global_batch)
+  skipped = 0
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    for b in range(start_batch, num_batches):
+      idx = np.arange(b * global_batch, (b + 1) * global_batch)[rows]
+      valid = idx < n
+      safe = np.where(valid, idx, n - 1)
+      out = list(pool.map(lambda i: _read(source, i, bool(flips[i])), safe))
+      shape = next((o[0].shape for o in out if o[0] is not None), None)
+      if shape is None:
+        raise RuntimeError(f"batch {b}: no readable example among indices {safe.tolist()[:8]}...")
+      imgs = np.stack([o[0] if o[0] is not None else np.zeros(shape, np.float32) for o in out])
+      readable = np.array([o[2] for o in out])
+      skipped += int(np.sum(valid & ~readable))
+      valid &= readable
+      labels = np.array([o[1] for o in out], np.int32)
+      g = mesh_lib.global_batch(mesh, {"image": imgs}, global_batch)["image"]
+      yield b, g, safe, valid, labels
+  if skipped:
+    logging.warning("%d unreadable examples were skipped in this pass (process %d)", skipped,
+                    jax.process_index())
+
+
+def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
+  """Per-position latent mean and (population) variance over the training set -> stat.npz.
+
+  Official stat.pt semantics ((C,h,w) mean/var of encoder latents on centre-cropped, randomly
+  flipped training images); we compute them exactly (Chan's parallel update in float64) where
+  the official script keeps BatchNorm-style running averages.
+  """
+  mesh = common.make_mesh(config)
+  rae, variables = builders.build_rae(config, workdir, with_stats=False)
+  source = data_lib.make_source(config.data)
+  gb = config.eval.per_device_batch * jax.device_count()
+  flips = data_lib.epoch_flips(config.seed, 0, len(source))
+  rep = common.replicated(mesh, variables["encoder"])
+
+  @jax.jit
+  def batch_moments(enc_params, images, valid):
+    z = rae.encode({"encoder": enc_params}, images)  # no stats, no noise
+    w = valid.astype(jnp.float32)[:, None, None, None]
+    cnt = jnp.sum(w)
+    mean = jnp.sum(z * w, 0) / jnp.maximum(cnt, 1)
+    m2 = jnp.sum(w * (z - mean) ** 2, 0)
+    return cnt, mean, m2
+
+  count, mean, m2 = 0.0, None, None
+  for b, images, _, valid, _ in full_pass(source, mesh, gb, flips, config.data.num_threads):
+    gvalid = mesh_lib.global_batch(mesh, {"v": valid}, gb)["v"]
+    c, mu, q = jax.device_get(batch_moments(rep, images, gvalid))
+    c, mu, q = float(c), mu.astype(np.float64), q.astype(np.float64)
+    if c == 0:
+      continue
+    if mean is None:
+      count, mean, m2 = c, mu, q
+    else:
+      delta = mu - mean
+      tot = count + c
+      mean = mean + delta * (c / tot)
+      m2 = m2 + q + delta ** 2 * (count * c / tot)
+      count = tot
+  if mean is None:
+    raise RuntimeError("stats: no readable example in the training set")
+  var = m2 / count
+  path = os.path.join(workdir, builders.STATS_FILE)
+  if common.is_main():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    stats_io.save_stats({"mean": mean.astype(np.float32), "var": var.astype(np.float32)}, tmp)
+    os.replace(tmp, path)
+    logging.info("stats: %d examples, latent %s, mean |mu| %.4f, mean var %.4f -> %s",
+                 int(count), mean.shape, np.abs(mean).mean(), var.mean(), path)
+  return path
+
+
+def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
+  """Raw (un-normalised) encoder latents of every image and its mirror -> <workdir>/latents.
+
+  Stage 2 then reads latents and normalises them with the current stats, so recomputing stats
+  never invalidates the cache. Resumable: complete shards are kept, the rest redone.
+  """
+  mesh = common.make_mesh(config)
+  rae, variables = builders.build_rae(config, workdir, with_stats=False)
+  source = data_lib.make_source(config.data)
+  gb = config.eval.per_device_batch * jax.device_count()
+  directory = os.path.join(workdir, LATENT_CACHE)
+  os.makedirs(directory, exist_ok=True)
+  done = set(data_lib.cached_indices(directory).tolist())
+  writer = data_lib.LatentCacheWriter(directory, process_index=jax.process_index())
+  rep = common.replicated(mesh, variables["encoder"])
+
+  @jax.jit
+  def encode_both(enc_params, images):
+    both = jnp.concatenate([images, images[:, :, ::-1]], 0)
+    z = rae.encode({"encoder": enc_params}, both)
+    n = images.shape[0]
+    return jnp.stack([z[:n], z[n:]], 1)
+
+  no_flip = np.zeros(len(source), bool)
+  num_batches = -(-len(source) // gb)
+  for b, images, idx, valid, labels in full_pass(source, mesh, gb, no_flip,
+                                                 config.data.num_threads):
+    keep = valid & ~np.isin(idx, list(done))
+    z = encode_both(rep, images)
+    local = np.concatenate([np.asarray(s.data) for s in sorted(
+        z.addressable_shards, key=lambda s: s.index[0].start or 0)], 0)
+    if keep.any():
+      writer.append(local[keep], labels[keep], idx[keep])
+    if b % 50 == 0:
+      logging.info("cache_latents: batch %d/%d", b + 1, num_batches)
+  logging.info("cache_latents: %s holds %d examples", directory,
+               len(data_lib.cached_indices(directory)))
+  return directory

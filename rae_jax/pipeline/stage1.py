@@ -1,0 +1,506 @@
+"""Stage 1: the RAE decoder on tau-noised latents of the frozen encoder (official train_stage1.py).
+
+Generator (decoder) loss, images in [0, 1] for L1 and in [-1, 1] for LPIPS and the discriminator:
+  rec   = l1_weight * |x_hat - x|  +  perceptual_weight * LPIPS(x_hat, x)        [LPIPS from lpips_start]
+  total = rec + disc_weight * d_weight * G(D(DiffAug(x_hat)))                    [from disc_start]
+  d_weight = ||d rec / dW|| / (||d G / dW|| + 1e-6), clamped to [0, max_d_weight], W = the decoder's
+  last layer (decoder_pred kernel), as the official `calculate_adaptive_weight`.
+Discriminator (DINO heads, own AdamW + schedule), from disc_upd_start, disc_updates times per step:
+  fakes = 8-bit-quantised reconstructions of the *updated* decoder without latent noise (the reference
+  switches the RAE to eval mode), DiffAug drawn independently for fakes and reals, hinge/vanilla loss,
+  one spectral-norm power iteration per D call. The D update runs after the generator update, in the
+  same jitted step. EMA of the decoder after every generator update.
+
+State: TrainState.params / ema_params / opt_state are the decoder's; state.extra holds the trainable
+discriminator heads ('disc'), their spectral-norm vectors ('spectral'), the D optimizer state
+('disc_opt') and the number of D updates done ('disc_step', the D schedule's clock, which like the
+reference's disc scheduler only advances on D updates). The frozen encoder, LPIPS VGG and DINO ViT
+are passed as the step's `frozen` argument (replicated, reloaded from their files, not checkpointed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from absl import logging
+
+from rae_jax import data as data_lib
+from rae_jax.config_checks import ConfigError
+from rae_jax.losses import gan as gan_lib
+from rae_jax.losses.diffaug import diffaug
+from rae_jax.losses.discriminator import DinoDiscriminator, classify_pair
+from rae_jax.losses.lpips import LPIPS
+from rae_jax.losses.spectral_norm import SPECTRAL
+from rae_jax.pipeline import builders, common, images
+from rae_jax.train import loop as loop_lib
+from rae_jax.train import mesh as mesh_lib
+from rae_jax.train.ema import ema_update
+from rae_jax.train.state import TrainState, init_train_state
+
+LPIPS_LIN_FILE = "vgg.pth"
+LPIPS_VGG_GLOB = "vgg16*.pth"
+LAST_LAYER = ("decoder_pred", "kernel")
+
+
+# --------------------------------------------------------------------------------------------
+# Config -> loss settings and phase schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """Static loss constants (hashable: they are baked into the compiled step)."""
+  l1_weight: float = 1.0
+  perceptual_weight: float = 0.0
+  disc_weight: float = 0.0
+  max_d_weight: float = 1e4
+  disc_updates: int = 1
+  disc_loss: str = "hinge"
+  gen_loss: str = "vanilla"
+  aug_prob: float = 1.0
+  cutout: float = 0.0
+  noise_tau: float = 0.8
+
+  @property
+  def lpips_on(self) -> bool:
+    return self.perceptual_weight > 0.0
+
+  @property
+  def gan_on(self) -> bool:
+    return self.disc_weight > 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Phases:
+  """Epoch switches of the official loop as step thresholds (int(epochs * steps_per_epoch), the
+  truncation the LR schedules use; equal to the official epoch * steps_per_epoch for whole epochs).
+  """
+  lpips_start: int = 0
+  gan_start: int = 0
+  disc_start: int = 0
+  lpips_on: bool = False
+  gan_on: bool = False
+
+  @classmethod
+  def from_config(cls, s1: mlc.ConfigDict, settings: LossSettings, steps_per_epoch: int) -> "Phases":
+    loss = s1.loss
+
+    def steps(epochs) -> int:
+      return int(float(epochs) * steps_per_epoch)
+    gan_start = steps(loss.disc_start)
+    return cls(lpips_start=steps(loss.lpips_start), gan_start=gan_start,
+               disc_start=steps(loss.get("disc_upd_start", loss.disc_start)),
+               lpips_on=settings.lpips_on, gan_on=settings.gan_on)
+
+  def at(self, step: int) -> tuple[bool, bool, bool]:
+    """(use_lpips, use_gan, train_disc) for the update that starts at `step` (host int)."""
+    return (self.lpips_on and step >= self.lpips_start, self.gan_on and step >= self.gan_start,
+            self.gan_on and step >= self.disc_start)
+
+
+def loss_settings(config: mlc.ConfigDict) -> LossSettings:
+  s1 = config.stage1
+  loss, disc = s1.loss, s1.disc
+  disc_weight = float(loss.disc_weight) if disc.enabled else 0.0
+  if disc.enabled and disc_weight <= 0:
+    logging.warning("config.stage1.disc.enabled but config.stage1.loss.disc_weight=%s: no GAN "
+                    "term and no discriminator updates (as the official loop).", loss.disc_weight)
+  if not disc.enabled and float(loss.disc_weight) > 0:
+    logging.info("config.stage1.disc.enabled=False: GAN loss off (disc_weight %s unused).",
+                 loss.disc_weight)
+  return LossSettings(
+      l1_weight=float(loss.l1_weight), perceptual_weight=float(loss.perceptual_weight),
+      disc_weight=disc_weight, max_d_weight=float(loss.max_d_weight),
+      disc_updates=int(loss.disc_updates), disc_loss=str(loss.disc_loss),
+      gen_loss=str(loss.gen_loss), aug_prob=float(disc.aug_prob), cutout=float(disc.cutout),
+      noise_tau=float(s1.noise_tau))
+
+
+def check_stage1_config(config: mlc.ConfigDict) -> LossSettings:
+  """Fails at start, naming the field, before any model is built."""
+  s = loss_settings(config)
+  s1 = config.stage1
+  if s.lpips_on and not s1.loss.lpips_weights:
+    raise ConfigError(
+        f"config.stage1.loss.perceptual_weight={s.perceptual_weight} needs LPIPS weights, but "
+        f"config.stage1.loss.lpips_weights is empty: set it to a folder holding torchvision's "
+        f"'vgg16-397923af.pth' ({LPIPS_VGG_GLOB}) and the LPIPS '{LPIPS_LIN_FILE}', or set "
+        f"config.stage1.loss.perceptual_weight=0")
+  if s.gan_on:
+    if not s1.disc.dino_ckpt_path and not s1.disc.get("random_init", False):
+      raise ConfigError(
+          "config.stage1.disc.enabled needs the DINO weights: set config.stage1.disc.dino_ckpt_path "
+          "to the official 'dino_vit_small_patch8_224.pth' (or config.stage1.disc.random_init=True "
+          "for tests)")
+    if s.disc_updates < 1:
+      raise ConfigError(f"config.stage1.loss.disc_updates={s.disc_updates} must be >= 1")
+    try:
+      gan_lib.select_gan_losses(s.disc_loss, s.gen_loss)
+    except ValueError as e:
+      raise ConfigError(f"config.stage1.loss.disc_loss / gen_loss: {e}") from e
+  if s.max_d_weight < 0:
+    raise ConfigError(f"config.stage1.loss.max_d_weight={s.max_d_weight} must be >= 0")
+  return s
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen loss networks
+
+
+def load_lpips_folder(folder: str) -> dict:
+  """LPIPS params from a folder holding torchvision's VGG16 and the LPIPS linear heads.
+
+  Expected files (see rae_jax.interop.lpips_weights for their formats):
+    vgg16-397923af.pth  torchvision ImageNet vgg16 state_dict (any name matching 'vgg16*.pth';
+                        the first in sorted order is used)
+    vgg.pth             LPIPS v0.1 linear heads (lpips package weights/v0.1/vgg.pth)
+  """
+  from rae_jax.interop.lpips_weights import load_lpips_params
+  field = "config.stage1.loss.lpips_weights"
+  if not os.path.isdir(folder):
+    raise ConfigError(f"{field}={folder!r} is not a folder (expected one holding "
+                      f"'vgg16-397923af.pth' and '{LPIPS_LIN_FILE}')")
+  lin = os.path.join(folder, LPIPS_LIN_FILE)
+  if not os.path.isfile(lin):
+    raise ConfigError(f"{field}={folder!r}: missing the LPIPS linear heads '{LPIPS_LIN_FILE}'")
+  trunks = sorted(glob.glob(os.path.join(folder, LPIPS_VGG_GLOB)))
+  if not trunks:
+    raise ConfigError(f"{field}={folder!r}: missing torchvision's VGG16 weights "
+                      f"('vgg16-397923af.pth', any '{LPIPS_VGG_GLOB}')")
+  return load_lpips_params(trunks[0], lin)
+
+
+def build_discriminator(d_cfg: mlc.ConfigDict) -> DinoDiscriminator:
+  """DinoDisc from config.stage1.disc; optional fields (tests, ablations) read with .get:
+  key_depths, norm_eps, recipe_overrides (e.g. a tiny ViT: dict(depth=2, embed_dim=32, ...))."""
+  overrides = d_cfg.get("recipe_overrides", None)
+  if overrides is not None and hasattr(overrides, "to_dict"):
+    overrides = overrides.to_dict()
+  return DinoDiscriminator(recipe=d_cfg.recipe,
+                           key_depths=tuple(int(k) for k in d_cfg.get("key_depths", (2, 5, 8, 11))),
+                           ks=int(d_cfg.ks), norm_type=d_cfg.norm_type,
+                           use_spectral_norm=bool(d_cfg.using_spec_norm),
+                           norm_eps=float(d_cfg.get("norm_eps", 1e-6)),
+                           recipe_overrides=dict(overrides) if overrides else None)
+
+
+def _dummy_image():
+  return jnp.zeros((1, 16, 16, 3), jnp.float32)
+
+
+def frozen_dino_params(disc: DinoDiscriminator, d_cfg: mlc.ConfigDict, key: jax.Array) -> Any:
+  """The frozen DINO ViT: from dino_ckpt_path (checked against the architecture), or random."""
+  if d_cfg.get("random_init", False):
+    logging.warning("config.stage1.disc.random_init: the DINO discriminator ViT is RANDOM (tests).")
+    return jax.jit(lambda k: disc.init(k, _dummy_image())["params"]["dino"])(key)
+  from rae_jax.interop.dino_weights import disc_variables_from_torch, load_dino_checkpoint
+  path = d_cfg.dino_ckpt_path
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.stage1.disc.dino_ckpt_path={path!r}: file not found")
+  variables = disc_variables_from_torch(disc, load_dino_checkpoint(path), rng=key, source=path)
+  return variables["params"]["dino"]
+
+
+def init_disc_heads(disc: DinoDiscriminator, key: jax.Array) -> tuple[dict, dict]:
+  """(head params, spectral u/v) of a fresh discriminator (traceable; the ViT part is dropped)."""
+  v = disc.init(key, _dummy_image())
+  heads = {k: p for k, p in v["params"].items() if k != "dino"}
+  return heads, dict(v.get(SPECTRAL, {}))
+
+
+def _disc_variables(dino, heads, spectral) -> dict:
+  variables = {"params": {"dino": dino, **heads}}
+  if spectral:
+    variables[SPECTRAL] = spectral
+  return variables
+
+
+# --------------------------------------------------------------------------------------------
+# The train step
+
+
+class Stage1Step:
+  """step(state, batch, frozen) -> (state, metrics), one jitted, sharded executable per phase.
+
+  Why static phases rather than lax.cond on the step: a disabled term (LPIPS before lpips_start,
+  the GAN term and its adaptive weight before disc_start, the D update before disc_upd_start)
+  then costs nothing, neither FLOPs nor memory (a cond keeps buffers for its largest branch and a
+  GAN-free run would still compile the DINO discriminator); the official schedule has at most
+  three switch points, so a run compiles at most four variants, each once, and the L1-only demo
+  exactly one. The phase is chosen on the host from a step counter that is read from the device
+  only when a state it did not produce comes in (start, resume), so the hot loop never syncs.
+  """
+
+  def __init__(self, build: Callable[[tuple[bool, bool, bool]], Callable], phases: Phases):
+    self._build = build
+    self.phases = phases
+    self.variants: dict[tuple[bool, bool, bool], Callable] = {}
+    self._last: Optional[TrainState] = None
+    self._host_step = 0
+
+  def __call__(self, state: TrainState, batch: Any, frozen: Any):
+    if state is not self._last:
+      self._host_step = int(jax.device_get(state.step))
+    phase = self.phases.at(self._host_step)
+    fn = self.variants.get(phase)
+    if fn is None:
+      logging.info("stage 1: compiling the step for phase lpips=%s gan=%s disc_update=%s (step %d)",
+                   *phase, self._host_step)
+      fn = self.variants[phase] = self._build(phase)
+    state, metrics = fn(state, batch, frozen)
+    self._host_step += 1
+    self._last = state
+    return state, metrics
+
+
+def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: optax.GradientTransformation,
+                     gen_lr: optax.Schedule, ema_decay: float, state_shardings: TrainState,
+                     batch_sharding, frozen_shardings: Any,
+                     disc: Optional[DinoDiscriminator] = None,
+                     disc_tx: Optional[optax.GradientTransformation] = None,
+                     disc_lr: Optional[optax.Schedule] = None, donate: bool = True) -> Stage1Step:
+  """The stage-1 step. frozen = {'encoder', 'lpips' (if LPIPS is on), 'dino' (if the GAN is on)};
+  batch = {'image': (B, H, W, 3) in [0, 1]}.
+
+  Metrics (replicated scalars): loss, l1, grad_norm, lr; with LPIPS: lpips; with the GAN: g_loss,
+  d_weight, d_loss, disc_acc, logits_real, logits_fake, d_lr (zeros while a term is not active, so
+  every step of a run has the same keys).
+  """
+  if settings.gan_on and (disc is None or disc_tx is None):
+    raise ValueError("make_stage1_step: the GAN term needs `disc` and `disc_tx`")
+  lpips = LPIPS() if settings.lpips_on else None
+  d_loss_fn, g_loss_fn = (gan_lib.select_gan_losses(settings.disc_loss, settings.gen_loss)
+                          if settings.gan_on else (None, None))
+  s = settings
+  zero = jnp.zeros((), jnp.float32)
+
+  def augment(key, x):
+    return diffaug(key, x, s.aug_prob, s.cutout)
+
+  def step(state: TrainState, batch: Any, frozen: Any, *, use_lpips: bool, use_gan: bool,
+           train_disc: bool):
+    x = batch["image"].astype(jnp.float32)
+    real = x * 2.0 - 1.0
+    key = jax.random.fold_in(state.rng, state.step)
+    k_noise, k_gaug, k_disc = jax.random.split(key, 3)
+    enc = {"encoder": frozen["encoder"]}
+    z = rae.encode(enc, x, rng=k_noise, noise_tau=s.noise_tau)
+
+    # One decoder forward; its VJP gives the last-layer gradients of each loss term (XLA keeps only
+    # the decoder_pred part of those two pullbacks) and then the full gradient of the total.
+    recon, pullback = jax.vjp(lambda p: rae.decode({"decoder": p}, z), state.params)
+
+    def rec_loss(xh):
+      l1 = gan_lib.l1_loss(xh, x)
+      aux = {"l1": l1}
+      total = s.l1_weight * l1
+      if use_lpips:
+        lp = lpips.apply({"params": frozen["lpips"]}, xh * 2.0 - 1.0, real)
+        total = total + s.perceptual_weight * lp
+        aux["lpips"] = lp
+      return total, aux
+
+    (rec, aux), g_rec = jax.value_and_grad(rec_loss, has_aux=True)(recon)
+    metrics = {"l1": aux["l1"]}
+    if s.lpips_on:
+      metrics["lpips"] = aux.get("lpips", zero)
+    extra = state.extra
+    if use_gan:
+      d_vars = _disc_variables(frozen["dino"], extra["disc"], extra.get("spectral"))
+
+      def gan_loss(xh):  # D in eval mode: stored spectral vectors, as the reference's disc.eval()
+        return g_loss_fn(disc.apply(d_vars, augment(k_gaug, xh * 2.0 - 1.0)))
+
+      g_val, g_gan = jax.value_and_grad(gan_loss)(recon)
+
+      def last_layer(g):
+        grads = pullback(g)[0]
+        for name in LAST_LAYER:
+          grads = grads[name]
+        return grads
+      d_weight = gan_lib.adaptive_weight_from_grads(last_layer(g_rec), last_layer(g_gan),
+                                                    s.max_d_weight)
+      scale = s.disc_weight * d_weight
+      g_img = g_rec + scale * g_gan
+      loss = rec + scale * g_val
+    else:
+      g_val, d_weight, g_img, loss = zero, zero, g_rec, rec
+    grads = jax.lax.with_sharding_constraint(pullback(g_img)[0], state_shardings.params)
+    updates, opt_state = gen_tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=jnp.asarray(gen_lr(state.step), jnp.float32))
+    if s.gan_on:
+      metrics.update(g_loss=g_val, d_weight=d_weight)
+
+    if train_disc:
+      # Reference: a fresh forward of the updated RAE in eval mode (no latent noise), quantised.
+      z_clean = rae.encode(enc, x)
+      fake = jax.lax.stop_gradient(
+          gan_lib.quantize_pm1(rae.decode({"decoder": params}, z_clean) * 2.0 - 1.0))
+
+      def d_update(carry, k):
+        heads, spectral, d_opt, count = carry
+
+        def d_loss(h):
+          k_fake, k_real = jax.random.split(k)
+          lf, lr, new_vars = classify_pair(disc, _disc_variables(frozen["dino"], h, spectral),
+                                           augment(k_fake, fake), augment(k_real, real), train=True)
+          out = (new_vars.get(SPECTRAL, {}), gan_lib.disc_accuracy(lr, lf), jnp.mean(lr),
+                 jnp.mean(lf))
+          return d_loss_fn(lr, lf), out
+
+        (dl, (spectral, acc, m_real, m_fake)), g = jax.value_and_grad(d_loss, has_aux=True)(heads)
+        upd, d_opt = disc_tx.update(g, d_opt, heads)
+        heads = optax.apply_updates(heads, upd)
+        lr_now = jnp.asarray(disc_lr(count), jnp.float32) if disc_lr is not None else zero
+        m = dict(d_loss=dl, disc_acc=acc, logits_real=m_real, logits_fake=m_fake, d_lr=lr_now)
+        return (heads, spectral, d_opt, count + 1), m
+
+      carry = (extra["disc"], extra.get("spectral", {}), extra["disc_opt"], extra["disc_step"])
+      (heads, spectral, d_opt, count), d_ms = jax.lax.scan(
+          d_update, carry, jax.random.split(k_disc, s.disc_updates))
+      extra = {**extra, "disc": heads, "disc_opt": d_opt, "disc_step": count}
+      if spectral:
+        extra["spectral"] = spectral
+      metrics.update({k: v[-1] for k, v in d_ms.items()})  # the last update, as the reference logs
+    elif s.gan_on:
+      metrics.update(d_loss=zero, disc_acc=zero, logits_real=zero, logits_fake=zero, d_lr=zero)
+
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_update(state.ema_params, params, ema_decay),
+                              extra=extra)
+    return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+  replicated = mesh_lib.replicated(batch_sharding.mesh)
+
+  def build(phase):
+    use_lpips, use_gan, train_disc = phase
+    fn = functools.partial(step, use_lpips=use_lpips, use_gan=use_gan, train_disc=train_disc)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+                   out_shardings=(state_shardings, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+  return Stage1Step(build, phases)
+
+
+# --------------------------------------------------------------------------------------------
+# The mode
+
+
+def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_lib.Hook] = ()):
+  """Trains the decoder of config's RAE into <workdir>/stage1 (resumes from its checkpoints).
+
+  LPIPS (config.stage1.loss.perceptual_weight > 0) reads config.stage1.loss.lpips_weights, a folder
+  with torchvision's 'vgg16-397923af.pth' (any 'vgg16*.pth') and the LPIPS 'vgg.pth' lin weights.
+  The GAN (config.stage1.disc.enabled and disc_weight > 0) reads the DINO ViT from
+  config.stage1.disc.dino_ckpt_path (official 'dino_vit_small_patch8_224.pth'); optional
+  config.stage1.disc fields: random_init (bool, tests), recipe_overrides, key_depths, norm_eps.
+  `hooks` are extra train-loop hooks (step, state, metrics-or-None). Returns the final TrainState.
+  """
+  settings = check_stage1_config(config)
+  s1 = config.stage1
+  lpips_params = load_lpips_folder(s1.loss.lpips_weights) if settings.lpips_on else None
+
+  mesh = common.make_mesh(config)
+  rae, rae_vars = builders.build_rae(config, workdir, with_stats=False)
+  source = data_lib.make_source(config.data)
+  gb = s1.global_batch_size
+  sched = common.optimizer(s1.optim, len(source), gb)
+  phases = Phases.from_config(s1, settings, sched.steps_per_epoch)
+  logging.info("stage 1: %d examples, %d steps/epoch, %d steps, batch %d, tau %.2f; L1 x%g, LPIPS "
+               "x%g from step %d, GAN x%g from step %d, D updates from step %d", len(source),
+               sched.steps_per_epoch, sched.num_steps, gb, settings.noise_tau, settings.l1_weight,
+               settings.perceptual_weight, phases.lpips_start, settings.disc_weight,
+               phases.gan_start, phases.disc_start)
+
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  pretrained = rae_vars.pop("decoder") if config.decoder.pretrained else None
+  rae_vars.pop("decoder", None)
+
+  def init_params(key):
+    return pretrained if pretrained is not None else rae.init_decoder(key)
+
+  frozen = {"encoder": rae_vars["encoder"]}
+  if lpips_params is not None:
+    frozen["lpips"] = lpips_params
+  disc = disc_sched = init_extra = None
+  if settings.gan_on:
+    disc = build_discriminator(s1.disc)
+    frozen["dino"] = frozen_dino_params(disc, s1.disc, jax.random.fold_in(init_key, 2))
+    disc_sched = common.optimizer(s1.disc.optim, len(source), gb)
+
+    def init_extra(key):
+      heads, spectral = init_disc_heads(disc, key)
+      extra = {"disc": heads, "disc_opt": disc_sched.tx.init(heads),
+               "disc_step": jnp.zeros((), jnp.int32)}
+      if spectral:
+        extra["spectral"] = spectral
+      return extra
+
+  state, shardings = init_train_state(init_params, sched.tx, init_key, train_key, mesh,
+                                      init_extra=init_extra)
+  builders.log_params("stage-1 decoder", state.params)
+  if settings.gan_on:
+    builders.log_params("discriminator heads", state.extra["disc"])
+  frozen = common.replicated(mesh, frozen)
+  frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+  step_fn = make_stage1_step(
+      rae, settings, phases, gen_tx=sched.tx, gen_lr=sched.lr, ema_decay=s1.ema_decay,
+      state_shardings=shardings, batch_sharding=mesh_lib.batch_sharding(mesh),
+      frozen_shardings=frozen_shardings, disc=disc,
+      disc_tx=disc_sched.tx if disc_sched else None, disc_lr=disc_sched.lr if disc_sched else None)
+
+  it = common.data_iterator(source, mesh, gb, config.seed, config=config)
+  writer = common.writer(config, workdir, builders.STAGE1_DIR)
+  all_hooks = list(hooks)
+  if config.log.sample_every_steps > 0:
+    all_hooks.append(_sample_hook(config, workdir, rae, frozen["encoder"], source, mesh, writer))
+  ckpt = common.checkpointer(config, workdir, builders.STAGE1_DIR)
+  try:
+    state = loop_lib.train_loop(
+        step_fn, state, it, num_steps=sched.num_steps, global_batch_size=gb, checkpointer=ckpt,
+        config=config.to_dict(), log_every=config.log.every_steps, writer=writer, hooks=all_hooks,
+        frozen=frozen, prepare_batch=lambda b: mesh_lib.global_batch(mesh, {"image": b["image"]}, gb),
+        name="stage1")
+  finally:
+    it.close()
+    writer.close()
+  ckpt.close()
+  return state
+
+
+def _sample_hook(config, workdir, rae, enc_params, source, mesh, writer, num: int = 8):
+  """Every log.sample_every_steps: originals (top row) and EMA reconstructions without noise."""
+  n = min(num, len(source))
+  originals = []
+  for i in range(n):
+    img = np.asarray(source[i][0])
+    originals.append(data_lib.transforms.to_unit_float(img) if img.dtype == np.uint8 else img)
+  originals = np.stack(originals).astype(np.float32)
+  rep = mesh_lib.replicated(mesh)
+  x = jax.device_put(originals, rep)
+  recon = jax.jit(
+      lambda p, e, x: jnp.clip(rae.decode({"decoder": p}, rae.encode({"encoder": e}, x)), 0.0, 1.0),
+      out_shardings=rep)
+
+  def hook(step, state, metrics):
+    del metrics
+    if step % config.log.sample_every_steps:
+      return
+    rec = np.asarray(jax.device_get(recon(state.ema_params, enc_params, x)))
+    pair = np.concatenate([originals, rec], 0)
+    writer.images(step, "stage1/reconstructions", pair)
+    if common.is_main():
+      grid = images.make_grid(images.to_uint8(pair), n)
+      images.write_png(grid, os.path.join(workdir, builders.STAGE1_DIR, "samples",
+                                          f"step_{step:08d}.png"))
+
+  return hook

@@ -1,0 +1,149 @@
+"""Stage 2: a DiTDH / LightningDiT velocity model on frozen, normalised RAE latents."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from absl import logging
+
+from rae_jax import data as data_lib
+from rae_jax.pipeline import builders, common, generate, images, weights
+from rae_jax.pipeline.latents import LATENT_CACHE
+from rae_jax.train import loop as loop_lib
+from rae_jax.train import mesh as mesh_lib
+from rae_jax.train.state import init_train_state
+
+
+def normalise(z: jax.Array, stats: dict, eps: float) -> jax.Array:
+  if not stats:
+    return z
+  mean = stats.get("mean", 0.0)
+  var = stats.get("var", 1.0)
+  return (z - mean) / jnp.sqrt(var + eps)
+
+
+def make_loss_fn(config: mlc.ConfigDict, model, rae, transport, *, from_cache: bool) -> Callable:
+  """loss_fn(params, batch, key, frozen) -> (per-example loss, aux) for make_train_step."""
+  eps = config.stats.eps
+
+  def loss_fn(params, batch, key, frozen):
+    k_drop, k_loss = jax.random.split(key)
+    if from_cache:
+      x = normalise(batch["latent"].astype(jnp.float32), frozen["stats"], eps)
+    else:
+      x = rae.encode({"encoder": frozen["encoder"], "stats": frozen["stats"]}, batch["image"])
+    x = jax.lax.stop_gradient(x)
+
+    def apply_fn(p, x_t, t, y):
+      return model.apply({"params": p}, x_t, t, y, train=True, rngs={"label_dropout": k_drop})
+
+    loss = transport.training_loss(params, apply_fn, x, k_loss, y=batch["label"])
+    return loss, {}
+
+  return loss_fn
+
+
+def load_inference_rae(config: mlc.ConfigDict, workdir: str, mesh) -> tuple[Any, dict]:
+  """RAE with the decoder this workdir trained (stage-1 EMA) or imported, else config's file."""
+  rae, variables = builders.build_rae(config, workdir)
+  try:
+    dec, desc = weights.load_params(workdir, builders.STAGE1_DIR, mesh, "ema")
+    variables["decoder"] = dec
+    logging.info("decoder weights: %s", desc)
+  except FileNotFoundError:
+    if not config.decoder.pretrained:
+      logging.warning("No trained decoder in %s and config.decoder.pretrained is empty: images "
+                      "are decoded by a RANDOM decoder.", workdir)
+  if "stats" not in variables:
+    logging.warning("No latent stats (config.stats.path or --mode=stats): latents are used "
+                    "un-normalised.")
+  return rae, common.replicated(mesh, variables)
+
+
+def train_stage2(config: mlc.ConfigDict, workdir: str):
+  mesh = common.make_mesh(config)
+  rae, rae_vars = load_inference_rae(config, workdir, mesh)
+  model = builders.build_stage2_model(config.model, builders.compute_dtype(config))
+  transport = generate.transport_for(config, rae.latent_shape)
+  s2 = config.stage2
+  from_cache = bool(s2.use_latent_cache)
+  if from_cache:
+    source = data_lib.LatentCacheSource(os.path.join(workdir, LATENT_CACHE),
+                                        num_classes=config.data.num_classes)
+  else:
+    source = data_lib.make_source(config.data)
+  gb = s2.global_batch_size
+  sched = common.optimizer(s2.optim, len(source), gb)
+  logging.info("stage 2: %d examples, %d steps/epoch, %d steps, batch %d%s", len(source),
+               sched.steps_per_epoch, sched.num_steps, gb, " (cached latents)" if from_cache else "")
+
+  latent_shape = rae.latent_shape
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  imported = None
+  if weights.has_weights(workdir, builders.STAGE2_DIR):
+    imported, desc = weights.load_params(workdir, builders.STAGE2_DIR, mesh, "ema")
+    logging.info("stage 2 starts from %s", desc)
+
+  def init_params(key):
+    if imported is not None:
+      return imported
+    return builders.init_stage2_params(model, latent_shape, key)
+
+  state, shardings = init_train_state(init_params, sched.tx, init_key, train_key, mesh)
+  builders.log_params("stage-2 model", state.params)
+  frozen = {"encoder": rae_vars["encoder"], "stats": rae_vars.get("stats", {})}
+  if from_cache:
+    frozen = {"stats": rae_vars.get("stats", {})}
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  from rae_jax.train.step import make_train_step
+  step_fn = make_train_step(make_loss_fn(config, model, rae, transport, from_cache=from_cache),
+                            sched.tx, s2.ema_decay, shardings, mesh_lib.batch_sharding(mesh),
+                            accum_steps=s2.grad_accum_steps, lr_schedule=sched.lr,
+                            frozen_shardings=frozen_shardings)
+  it = common.data_iterator(source, mesh, gb, config.seed, config=config)
+  writer = common.writer(config, workdir, builders.STAGE2_DIR)
+  hooks = []
+  if config.log.sample_every_steps > 0:
+    hooks.append(_sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer))
+  if config.eval.online_every_steps > 0:
+    from rae_jax.pipeline import evaluate
+    hooks.append(evaluate.make_online_eval_hook(config, workdir, model=model, rae=rae,
+                                                rae_vars=rae_vars, mesh=mesh, writer=writer))
+  ckpt = common.checkpointer(config, workdir, builders.STAGE2_DIR)
+  try:
+    state = loop_lib.train_loop(
+        step_fn, state, it, num_steps=sched.num_steps, global_batch_size=gb, checkpointer=ckpt,
+        config=config.to_dict(), log_every=config.log.every_steps, writer=writer, hooks=hooks,
+        frozen=frozen, prepare_batch=lambda b: mesh_lib.global_batch(mesh, b, gb),
+        name="stage2")
+  finally:
+    it.close()
+    writer.close()
+  ckpt.close()
+  return state
+
+
+def _sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer):
+  """Every log.sample_every_steps: a class-per-row grid from the EMA params."""
+  gen = jax.jit(generate.make_generate(config, model, rae, transport))
+  n = min(config.sample.num_images, 8 * config.data.num_classes)
+  labels = generate.class_labels(n, config.data.num_classes)
+  idx = np.arange(n)
+  key = jax.random.PRNGKey(config.seed + 1)
+
+  def hook(step, state, metrics):
+    del metrics
+    if step % config.log.sample_every_steps:
+      return
+    imgs = np.asarray(jax.device_get(gen(state.ema_params, None, rae_vars, labels, idx, key)))
+    writer.images(step, "stage2/samples", imgs)
+    if common.is_main():
+      grid = images.make_grid(images.to_uint8(imgs), config.sample.grid_cols)
+      images.write_png(grid, os.path.join(workdir, builders.STAGE2_DIR, "samples",
+                                          f"step_{step:08d}.png"))
+
+  return hook
