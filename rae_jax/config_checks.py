@@ -50,10 +50,12 @@ def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
     if config.transport.shift_dim != expected_shift:
       raise ConfigError(f"config.transport.shift_dim={config.transport.shift_dim} != C*h*w of the "
                         f"latent ({expected_shift})")
-    width = model.hidden_size[0] if isinstance(model.hidden_size, (tuple, list)) else model.hidden_size
+    # DiTDH satisfies the rule through its wide DDT head (DiTDH-S: 384-wide trunk, 2048 head).
+    hidden = model.hidden_size
+    width = max(hidden) if isinstance(hidden, (tuple, list)) else hidden
     if width < enc.hidden_size:
       warnings.warn(
-          f"\n{'!' * 78}\nconfig.model.hidden_size={width} is NARROWER than the latent token width "
+          f"\n{'!' * 78}\nconfig.model.hidden_size={hidden} (widest {width}) is NARROWER than the latent token width "
           f"{enc.hidden_size}.\nRAE (sec. 4.1) shows diffusion then fails to fit the latents: make the "
           f"DiT at least as wide.\n{'!' * 78}", WidthRuleWarning, stacklevel=2)
 

@@ -1,0 +1,66 @@
+"""A wrong config fails at start naming the field; a too-narrow DiT warns loudly."""
+import importlib.util
+import warnings
+
+import pytest
+
+from conftest import REPO
+from rae_jax import config_checks
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["demo", "stage1_dinov2b_decxl_256", "stage2_ditdh_xl_256",
+                                  "stage2_ditdh_s_256", "stage2_ditdh_xl_512",
+                                  "sample_ditdh_xl_256_ag", "sample_ditdh_xl_256_cfg"])
+def test_every_recipe_is_valid(name):
+  c = load_config(name)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", config_checks.WidthRuleWarning)
+    config_checks.check(c, "all", num_devices=8)
+
+
+def test_official_values():
+  c = load_config("stage2_ditdh_xl_256")
+  assert c.model.hidden_size == (1152, 2048) and c.model.depth == (28, 2)
+  assert c.transport.shift_dim == 196608 and c.transport.time_dist_type == "logit-normal_0_1"
+  assert c.stage2.optim.lr == 2e-4 and c.stage2.optim.final_lr == 2e-5
+  assert c.stage2.optim.warmup_epochs == 40 and c.stage2.optim.decay_end_epoch == 800
+  assert c.stage2.ema_decay == 0.9995 and c.stage2.global_batch_size == 1024
+  ag = load_config("sample_ditdh_xl_256_ag")
+  assert ag.guidance.method == "autoguidance" and ag.guidance.scale == 1.42
+  assert ag.guidance.guide_model.hidden_size == (384, 2048)
+  s1 = load_config("stage1_dinov2b_decxl_256")
+  assert s1.stage1.noise_tau == 0.8 and s1.stage1.ema_decay == 0.9978
+  assert s1.decoder.decoder_hidden_size == 1152 and s1.decoder.decoder_num_hidden_layers == 28
+  big = load_config("stage2_ditdh_xl_512")
+  assert big.model.input_size == 32 and big.transport.shift_dim == 768 * 32 * 32
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda c: setattr(c.data, "image_size", 30), "config.data.image_size"),
+    (lambda c: setattr(c.encoder, "name", "dinov3"), "config.encoder.name"),
+    (lambda c: setattr(c.stage2, "global_batch_size", 60), "config.stage2.global_batch_size"),
+    (lambda c: setattr(c.model, "in_channels", 32), "config.model.in_channels"),
+    (lambda c: setattr(c.model, "input_size", 8), "config.model.input_size"),
+    (lambda c: setattr(c.encoder, "input_size", 30), "config.encoder.input_size"),
+    (lambda c: setattr(c.transport, "shift_dim", 4096), "config.transport.shift_dim"),
+    (lambda c: setattr(c.guidance, "method", "pag"), "config.guidance.method"),
+])
+def test_wrong_config_names_the_field(mutate, field):
+  c = load_config("demo")
+  mutate(c)
+  with pytest.raises(config_checks.ConfigError, match=field.replace(".", r"\.")):
+    config_checks.check(c, "all", num_devices=8)
+
+
+def test_narrow_dit_warns_but_starts():
+  c = load_config("demo")
+  c.model.hidden_size = (32, 48)
+  with pytest.warns(config_checks.WidthRuleWarning, match="NARROWER"):
+    config_checks.check(c, "train_stage2", num_devices=1)
