@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rae_jax.interop import vit_names as vn
-from rae_jax.interop.common import StateDictError, flatten, unflatten
+from rae_jax.interop.common import StateDictError, flatten, to_numpy, unflatten
 from rae_jax.models.vit_encoders import build_encoder, canonical_encoder_name
 
 _WEIGHT_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors",
@@ -105,7 +105,6 @@ def read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
       sd = sd[wrapper]
   if not isinstance(sd, Mapping):
     raise StateDictError(f"{path}: expected a state_dict (dict of tensors), got {type(sd).__name__}")
-  from rae_jax.interop.common import to_numpy
   return {k: to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
 
 
@@ -135,6 +134,8 @@ def encoder_table(name: str, module) -> list[vn.Entry]:
     names = vn.DINOV2_BLOCK if name == "dinov2_reg" else vn.MAE_BLOCK
     for i in range(module.num_hidden_layers):
       t += vn.block(f"blocks_{i}", f"encoder.layer.{i}", names, module.qkv_bias)
+    if name == "dinov2_reg" and not module.normalize:
+      t += vn.norm("final_norm", "layernorm")
   elif name == "siglip2":
     t += vn.conv("patch_embed", "embeddings.patch_embedding")
     t.append(("position_embedding", "embeddings.position_embedding.weight", "same"))
@@ -161,7 +162,8 @@ def _strip_prefix(state_dict: Mapping, probe: str, source: str) -> dict:
 
 
 def params_from_hf(name: str, module, state_dict: Mapping, source: str = "HF checkpoint"):
-  """HF state_dict -> our nested params; the final layernorm affine is dropped like the wrappers."""
+  """HF state_dict -> our nested params; the final layernorm affine is dropped like the wrappers
+  (kept only for dinov2_reg with normalize=False, as Dinov2withNorm(normalize=False))."""
   name = canonical_encoder_name(name)
   sd = _strip_prefix(state_dict, _PROBE["mae" if name == "toy_vit" else name], source)
   shapes = param_shapes(module, module.image_size)
@@ -185,12 +187,13 @@ def infer_encoder_name(config: Mapping) -> str:
 
 
 def load_hf_encoder(name_or_path: str, encoder_name: Optional[str] = None,
-                    dtype=jnp.float32) -> HFEncoder:
-  """Hub id or local folder -> HFEncoder. `encoder_name` defaults to the config's model_type."""
+                    dtype=jnp.float32, **overrides) -> HFEncoder:
+  """Hub id or local folder -> HFEncoder. `encoder_name` defaults to the config's model_type;
+  `overrides` are module fields (e.g. normalize=False for dinov2_reg)."""
   folder = resolve_folder(name_or_path)
   config = read_config(folder)
   name = canonical_encoder_name(encoder_name) if encoder_name else infer_encoder_name(config)
-  module = build_encoder(name, config, dtype=dtype)
+  module = build_encoder(name, config, dtype=dtype, **overrides)
   params = params_from_hf(name, module, read_weights(folder), source=str(folder))
   mean, std, size = read_preprocessor(folder)
   params = jax.tree_util.tree_map(jnp.asarray, params)

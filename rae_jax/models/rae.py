@@ -82,7 +82,7 @@ class RAE:
     """Images (B,H,W,3) in [0,1] -> latents (B,h,w,C). Noise only when `rng` is given."""
     z = self.encode_tokens(variables["encoder"], images)
     tau = self.noise_tau if noise_tau is None else noise_tau
-    if rng is not None and tau > 0:
+    if rng is not None and not (isinstance(tau, (int, float)) and tau == 0):  # tau may be traced
       k_sigma, k_noise = jax.random.split(rng)
       sigma = tau * jax.random.uniform(k_sigma, (z.shape[0], 1, 1), z.dtype)
       z = z + sigma * jax.random.normal(k_noise, z.shape, z.dtype)
@@ -107,7 +107,7 @@ class RAE:
 
   def init_decoder(self, rng: jax.Array):
     z = jnp.zeros((1, self.decoder.num_patches, self.decoder.hidden_size), jnp.float32)
-    return self.decoder.init(rng, z)["params"]
+    return jax.jit(self.decoder.init)(rng, z)["params"]
 
 
 def _read_decoder_config(decoder_config: Union[str, pathlib.Path, Mapping]) -> dict:
@@ -132,6 +132,7 @@ def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
   `seed`). decoder_config: ViTMAEConfig-style dict, config.json or its folder; hidden_size,
   patch_size and num_patches are overridden from the encoder as the reference does.
   decoder_weights: official model.pt (or .safetensors); None -> random init from `seed`.
+  encoder_overrides: encoder module fields (the wrappers' encoder_params, e.g. normalize=False).
   """
   from rae_jax.interop.decoder_names import load_decoder_params
   from rae_jax.interop.hf_encoders import load_hf_encoder
@@ -144,10 +145,10 @@ def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
       raise ValueError(f"encoder {encoder_name!r} needs encoder_path (HF hub id or folder)")
     encoder = build_encoder(key, dtype=dtype, **dict(encoder_overrides or {}))
     size = encoder_input_size or encoder.image_size
-    enc_params = encoder.init(k_enc, jnp.zeros((1, size, size, 3)))["params"]
+    enc_params = jax.jit(encoder.init)(k_enc, jnp.zeros((1, size, size, 3)))["params"]
     mean, std = TOY_IMAGE_MEAN, TOY_IMAGE_STD
   else:
-    loaded = load_hf_encoder(encoder_path, key, dtype=dtype)
+    loaded = load_hf_encoder(encoder_path, key, dtype=dtype, **dict(encoder_overrides or {}))
     encoder, enc_params = loaded.module, loaded.params
     mean, std = loaded.image_mean, loaded.image_std
     size = encoder_input_size or loaded.input_size or encoder.image_size

@@ -6,7 +6,8 @@ a final LayerNorm WITHOUT affine (the checkpoint's weight/bias are dropped):
   siglip2     SigLIP vision tower (`SiglipModel(...).vision_model`), all tokens (`SigLIP2wNorm`)
   mae         ViTMAEModel with masking disabled (identity order), drops CLS (`MAEwNorm`)
   toy_vit     a tiny randomly initialised MAE-style ViT for demos/tests (no weights)
-Position embeddings are interpolated to the input grid exactly as HF does (DINOv2: antialiased
+Field defaults equal the HF config classes' defaults, so sparse config.json files (e.g. a
+SiglipModel's vision_config) build the same model. Position embeddings are interpolated to the input grid exactly as HF does (DINOv2: antialiased
 bicubic; SigLIP/MAE: plain bicubic), only when the grid or aspect differs from the checkpoint's.
 """
 from __future__ import annotations
@@ -52,14 +53,15 @@ class Dinov2RegEncoder(nn.Module):
   num_hidden_layers: int = 12
   num_attention_heads: int = 12
   mlp_ratio: float = 4.0
-  patch_size: int = 14
-  image_size: int = 518
+  patch_size: int = 16
+  image_size: int = 224
   num_register_tokens: int = 4
   layer_norm_eps: float = 1e-6
   layerscale_value: float = 1.0
   hidden_act: str = "gelu"
   qkv_bias: bool = True
   use_swiglu_ffn: bool = False
+  normalize: bool = True  # Dinov2withNorm(normalize=True): final LayerNorm without affine
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -81,7 +83,7 @@ class Dinov2RegEncoder(nn.Module):
     x = _blocks(x, self.num_hidden_layers, self.num_attention_heads, int(c * self.mlp_ratio),
                 self.layer_norm_eps, self.hidden_act, self.qkv_bias, self.layerscale_value,
                 self.dtype)
-    x = layer_norm(self.layer_norm_eps, "final_norm", affine=False, dtype=self.dtype)(x)
+    x = layer_norm(self.layer_norm_eps, "final_norm", affine=not self.normalize, dtype=self.dtype)(x)
     return x[:, 1 + self.num_register_tokens:]
 
 
@@ -91,7 +93,7 @@ class SiglipEncoder(nn.Module):
   num_attention_heads: int = 12
   intermediate_size: int = 3072
   patch_size: int = 16
-  image_size: int = 256
+  image_size: int = 224
   layer_norm_eps: float = 1e-6
   hidden_act: str = "gelu_pytorch_tanh"
   dtype: Dtype = jnp.float32

@@ -1,0 +1,181 @@
+"""Encoders vs transformers' PyTorch models (tiny random configs saved as HF folders)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+from safetensors.numpy import load_file, save_file
+
+from rae_jax.interop import hf_encoders as hfe
+from rae_jax.interop.common import StateDictError
+from rae_jax.models.vit_encoders import build_encoder, canonical_encoder_name
+
+transformers = pytest.importorskip("transformers")
+MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+
+
+def _randomise(model, seed):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g) * 0.1
+      p.copy_(1.0 + noise if name.endswith(("norm1.weight", "norm2.weight", "before.weight",
+                                             "after.weight")) else noise * 2)
+  return model.eval()
+
+
+def _drop_final_affine(norm):
+  # What the official wrappers do: weight/bias None -> LayerNorm without affine.
+  norm.weight, norm.bias = None, None
+
+
+def _save(model, folder, size):
+  model.save_pretrained(folder)
+  (folder / "preprocessor_config.json").write_text(json.dumps(
+      {"image_mean": MEAN, "image_std": STD, "do_center_crop": True,
+       "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}}))
+  return folder
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _images(shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+  cfg = transformers.Dinov2WithRegistersConfig(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=16,
+      patch_size=4, num_register_tokens=4, layerscale_value=0.5, attn_implementation="eager")
+  model = _randomise(transformers.Dinov2WithRegistersModel(cfg), 0)
+  folder = _save(model, tmp_path_factory.mktemp("dinov2"), 16)
+  _drop_final_affine(model.layernorm)
+  return model, folder
+
+
+# 16: checkpoint grid (no interpolation); 24: upsampled; 12x20: non-square, rows downsampled
+# (the antialiased branch of HF's bicubic).
+@pytest.mark.parametrize("hw", [(16, 16), (24, 24), (12, 20)])
+def test_dinov2_reg_matches_hf(dinov2, hw):
+  model, folder = dinov2
+  enc = hfe.load_hf_encoder(str(folder), "Dinov2withNorm")
+  assert enc.name == "dinov2_reg" and enc.input_size == 16
+  assert enc.image_mean == tuple(MEAN) and enc.image_std == tuple(STD)
+  x = _images((2, *hw, 3))
+  with torch.no_grad():
+    ref = model(_nchw(x)).last_hidden_state[:, 5:].numpy()  # drop CLS + 4 registers
+  out = jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x))
+  assert out.shape == ref.shape == (2, hw[0] // 4 * (hw[1] // 4), 32)
+  assert rel_err(out, ref) <= 1e-5
+
+
+def test_dinov2_normalize_false_keeps_final_affine(dinov2):
+  # Dinov2withNorm(normalize=False) keeps the checkpoint's final LayerNorm weight and bias.
+  model, folder = dinov2
+  enc = hfe.load_hf_encoder(str(folder), "dinov2_reg", normalize=False)
+  sd = load_file(str(folder / "model.safetensors"))
+  x = _images((2, 16, 16, 3), 3)
+  with torch.no_grad():
+    ref = model(_nchw(x)).last_hidden_state[:, 5:].numpy()
+  ref = ref * sd["layernorm.weight"] + sd["layernorm.bias"]
+  assert rel_err(jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x)), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("hw", [(20, 20)])
+def test_siglip2_matches_hf(tmp_path, hw):
+  cfg = transformers.SiglipVisionConfig(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+      image_size=16, patch_size=4, attn_implementation="eager")
+  model = _randomise(transformers.SiglipVisionModel(cfg), 1)
+  folder = _save(model, tmp_path, 16)
+  _drop_final_affine(model.post_layernorm)
+  enc = hfe.load_hf_encoder(str(folder))  # name inferred from model_type
+  assert enc.name == "siglip2"
+  x = _images((2, *hw, 3), 1)
+  with torch.no_grad():
+    ref = model(_nchw(x), interpolate_pos_encoding=True).last_hidden_state.numpy()
+  out = jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x))
+  assert out.shape == ref.shape
+  assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("hw", [(12, 12)])
+def test_mae_matches_hf(tmp_path, hw):
+  cfg = transformers.ViTMAEConfig(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+      image_size=16, patch_size=4, attn_implementation="eager")
+  model = _randomise(transformers.ViTMAEModel(cfg), 2)
+  folder = _save(model, tmp_path, 16)
+  _drop_final_affine(model.layernorm)
+  # MAEwNorm: mask_ratio 0 and noise = arange keep every patch in order.
+  model.config.mask_ratio = 0.0
+  model.embeddings.config.mask_ratio = 0.0
+  enc = hfe.load_hf_encoder(str(folder), "MAEwNorm")
+  x = _images((2, *hw, 3), 2)
+  n = (hw[0] // 4) * (hw[1] // 4)
+  noise = torch.arange(n, dtype=torch.float32)[None].expand(2, -1)
+  with torch.no_grad():
+    ref = model(_nchw(x), noise=noise, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+  out = jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x))
+  assert out.shape == tuple(ref.shape) == (2, n, 32)
+  assert rel_err(out, ref.numpy()) <= 1e-5
+
+
+def test_wrapper_prefixes_are_stripped(dinov2):
+  # SiglipModel / ViTMAEForPreTraining checkpoints nest the tower under a prefix.
+  _, folder = dinov2
+  sd = load_file(str(folder / "model.safetensors"))
+  module = build_encoder("dinov2_reg", json.loads((folder / "config.json").read_text()))
+  a = hfe.params_from_hf("dinov2_reg", module, sd)
+  b = hfe.params_from_hf("dinov2_reg", module, {"vit." + k: v for k, v in sd.items()})
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  back = hfe.params_to_hf("dinov2_reg", module, a)
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd[k])
+
+
+def test_missing_tensor_names_key(dinov2, tmp_path):
+  _, folder = dinov2
+  sd = load_file(str(folder / "model.safetensors"))
+  del sd["encoder.layer.1.mlp.fc2.weight"]
+  save_file(sd, str(tmp_path / "model.safetensors"))
+  for f in ("config.json", "preprocessor_config.json"):
+    (tmp_path / f).write_text((folder / f).read_text())
+  with pytest.raises(StateDictError, match=r"missing key 'encoder\.layer\.1\.mlp\.fc2\.weight'"):
+    hfe.load_hf_encoder(str(tmp_path), "dinov2_reg")
+
+
+def test_wrong_shape_names_key_and_both_shapes(dinov2):
+  _, folder = dinov2
+  sd = load_file(str(folder / "model.safetensors"))
+  sd["embeddings.position_embeddings"] = np.zeros((1, 10, 32), np.float32)
+  module = build_encoder("dinov2_reg", json.loads((folder / "config.json").read_text()))
+  with pytest.raises(StateDictError,
+                     match=r"embeddings\.position_embeddings.*\(1, 10, 32\).*\(1, 17, 32\)"):
+    hfe.params_from_hf("dinov2_reg", module, sd)
+
+
+def test_missing_files_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    hfe.load_hf_encoder(str(tmp_path))
+
+
+def test_registry():
+  assert canonical_encoder_name("Dinov2withNorm") == "dinov2_reg"
+  assert canonical_encoder_name("SigLIP2wNorm") == "siglip2"
+  assert canonical_encoder_name("MAEwNorm") == "mae"
+  with pytest.raises(ValueError, match=r"unknown encoder 'clip'.*dinov2_reg.*mae.*siglip2"):
+    build_encoder("clip")
+  with pytest.raises(ValueError, match="no fields"):
+    build_encoder("mae", bogus=1)
+  toy = build_encoder("toy_vit", hidden_size=16, num_attention_heads=2)
+  out = jax.eval_shape(lambda x: toy.init_with_output(jax.random.PRNGKey(0), x)[0],
+                       jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
+  assert out.shape == (2, 64, 16)
