@@ -8,13 +8,13 @@ discriminator taps block outputs before the final norm.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rae_jax.interop.common import StateDictError, check_keys, check_shape, to_numpy
+from rae_jax.interop.common import StateDictError, check_keys, check_shape, flatten, to_numpy
 from rae_jax.losses.discriminator import DinoDiscriminator, DiscHead
 from rae_jax.losses.spectral_norm import SPECTRAL
 
@@ -128,7 +128,6 @@ def disc_heads_to_torch(variables: Mapping, use_spectral_norm: bool = True) -> d
 
 def _check_tree(got, want, source: str):
   """Every leaf of `got` matches `want` (abstract shapes) key for key."""
-  from rae_jax.interop.common import flatten
   g, w = flatten(got), flatten(want)
   check_keys(w, g, source)
   for k in w:
@@ -150,9 +149,10 @@ def disc_variables_from_torch(disc: DinoDiscriminator, dino_sd: Mapping, heads_s
       raise ValueError("disc_variables_from_torch: pass heads_sd or an rng to initialise the heads")
     c = cfg["embed_dim"]
     head = DiscHead(disc.ks, disc.norm_type, disc.norm_eps, disc.use_spectral_norm)
+    init = jax.jit(lambda key: head.init(key, jnp.zeros((1, 8, c), jnp.float32)))
     heads, spectral = {}, {}
     for i, key in enumerate(jax.random.split(rng, n_heads)):
-      v = head.init(key, jnp.zeros((1, 8, c), jnp.float32))
+      v = init(key)
       heads[f"head_{i}"] = v["params"]
       if SPECTRAL in v:
         spectral[f"head_{i}"] = v[SPECTRAL]
@@ -166,10 +166,11 @@ def disc_variables_from_torch(disc: DinoDiscriminator, dino_sd: Mapping, heads_s
 
 
 def load_dino_checkpoint(path: str) -> dict:
-  """Read `dino_vit_small_patch8_224.pth` (a plain state_dict, or one under 'teacher'/'model')."""
+  """Read `dino_vit_small_patch8_224.pth` (the official release is a plain state_dict; one nested
+  under 'model' or 'state_dict' is unwrapped)."""
   import torch  # only at the file boundary
   sd = torch.load(path, map_location="cpu", weights_only=True)
-  for wrapper in ("teacher", "model", "state_dict"):
+  for wrapper in ("model", "state_dict"):
     if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
       sd = sd[wrapper]
   if not isinstance(sd, Mapping):

@@ -177,6 +177,8 @@ class DinoDiscriminator(nn.Module):
 
   train=True advances the spectral-norm power iteration (apply with mutable=['spectral']), as the
   torch module does in `.train()`; the official loop uses train=False for the generator loss.
+  `features` (frozen ViT) and `classify` (heads) are exposed so that a D step can run the ViT once
+  on fakes and reals together (see `classify_pair`).
   """
   recipe: str = "S_8"
   key_depths: Sequence[int] = (2, 5, 8, 11)
@@ -204,17 +206,25 @@ class DinoDiscriminator(nn.Module):
     cfg["norm_eps"] = self.norm_eps
     return cfg
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, return_activations: bool = False):
+  def setup(self):
     cfg = self.vit_config()
     # Freeze by construction: the ViT sees stop_gradient'ed weights (plain module while initialising,
     # since map_variables cannot create the variables it maps).
     vit = DinoViT if self.is_initializing() else nn.map_variables(DinoViT, "params", trans_in_fn=_frozen)
-    acts = vit(**cfg, name="dino")(x)
-    logits = [
-        DiscHead(self.ks, self.norm_type, self.norm_eps, self.use_spectral_norm, name=f"head_{i}")(a, train)
-        for i, a in enumerate(acts)]
-    logits = jnp.concatenate(logits, axis=1)
+    self.dino = vit(**cfg)
+    self.heads = [DiscHead(self.ks, self.norm_type, self.norm_eps, self.use_spectral_norm, name=f"head_{i}")
+                  for i in range(len(cfg["key_depths"]) + 1)]
+
+  def features(self, x: jax.Array) -> list[jax.Array]:
+    """Frozen-ViT token activations (B, N, C): final block first, then the key depths."""
+    return self.dino(x)
+
+  def classify(self, acts: Sequence[jax.Array], train: bool = False) -> jax.Array:
+    return jnp.concatenate([head(a, train) for head, a in zip(self.heads, acts)], axis=1)
+
+  def __call__(self, x: jax.Array, train: bool = False, return_activations: bool = False):
+    acts = self.features(x)
+    logits = self.classify(acts, train)
     return (logits, acts) if return_activations else logits
 
 
@@ -225,11 +235,18 @@ def trainable_mask(params) -> dict:
 
 def classify_pair(disc: DinoDiscriminator, variables: dict, fake: jax.Array, real: jax.Array,
                   train: bool = True):
-  """D(fake) then D(real), threading the spectral vectors as the reference's two forward calls do
-  (two power iterations per discriminator step). Returns (logits_fake, logits_real, variables)."""
+  """D(fake) and D(real) as the reference's two forward calls: in training, two power iterations
+  (fake first), threading the spectral vectors. The frozen ViT runs once on both batches (its
+  output does not depend on the order). Returns (logits_fake, logits_real, variables)."""
+  if fake.shape != real.shape:
+    raise ValueError(f"classify_pair: fake {fake.shape} and real {real.shape} must have the same shape")
+  b = fake.shape[0]
+  acts = disc.apply(variables, jnp.concatenate([fake, real], axis=0), method="features")
+  acts_fake, acts_real = [a[:b] for a in acts], [a[b:] for a in acts]
   if not train:
-    return disc.apply(variables, fake), disc.apply(variables, real), variables
-  logits_fake, upd = disc.apply(variables, fake, train=True, mutable=[SPECTRAL])
+    return (disc.apply(variables, acts_fake, method="classify"),
+            disc.apply(variables, acts_real, method="classify"), variables)
+  logits_fake, upd = disc.apply(variables, acts_fake, True, method="classify", mutable=[SPECTRAL])
   variables = {**variables, **upd}
-  logits_real, upd = disc.apply(variables, real, train=True, mutable=[SPECTRAL])
+  logits_real, upd = disc.apply(variables, acts_real, True, method="classify", mutable=[SPECTRAL])
   return logits_fake, logits_real, {**variables, **upd}
