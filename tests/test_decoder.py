@@ -10,7 +10,8 @@ from conftest import FIXTURES, rel_err
 from rae_jax.interop import decoder_names as dn
 from rae_jax.interop.common import unflatten
 from rae_jax.interop.hf_encoders import read_tensors
-from rae_jax.models.decoder import ViTDecoder, decoder_from_hf_config, sincos_pos_embed_2d, unpatchify
+from rae_jax.models.decoder import (ViTDecoder, decoder_from_hf_config, sincos_pos_embed_2d,
+                                    unpatchify)
 
 
 @pytest.fixture(scope="module")

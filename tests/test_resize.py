@@ -26,7 +26,8 @@ def test_matrices_match_torch(mode):
     x = np.random.default_rng(n_in).standard_normal((1, 1, 3, n_in))
     ref = F.interpolate(torch.from_numpy(x), size=(3, n_out), **kw).numpy()[0, 0]
     m = rs._matrix(mode, n_in, n_out, None)
-    np.testing.assert_allclose(x[0, 0] @ m.T, ref, rtol=1e-10, atol=1e-12, err_msg=f"{n_in}->{n_out}")
+    np.testing.assert_allclose(x[0, 0] @ m.T, ref, rtol=1e-10, atol=1e-12,
+                               err_msg=f"{n_in}->{n_out}")
 
 
 def test_scale_factor_path_matches_torch():

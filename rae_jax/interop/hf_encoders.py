@@ -104,7 +104,8 @@ def read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     if isinstance(sd, Mapping) and set(sd) == {wrapper}:
       sd = sd[wrapper]
   if not isinstance(sd, Mapping):
-    raise StateDictError(f"{path}: expected a state_dict (dict of tensors), got {type(sd).__name__}")
+    raise StateDictError(f"{path}: expected a state_dict (dict of tensors), "
+                         f"got {type(sd).__name__}")
   return {k: to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
 
 

@@ -45,7 +45,8 @@ def load_stats(path, shape: Optional[tuple] = None) -> dict[str, np.ndarray]:
       raise StateDictError(f"{path}: key '{k}' has shape {x.shape}, expected (C, h, w)")
     x = np.ascontiguousarray(x.transpose(1, 2, 0))
     if shape is not None and x.shape != tuple(shape):
-      raise StateDictError(f"{path}: key '{k}' has shape {x.shape} (h,w,C), expected {tuple(shape)}")
+      raise StateDictError(
+          f"{path}: key '{k}' has shape {x.shape} (h,w,C), expected {tuple(shape)}")
     out[k] = x
   return out
 

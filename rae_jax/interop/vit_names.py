@@ -43,7 +43,8 @@ def dense(ours: str, theirs: str, bias: bool = True) -> list[Entry]:
 
 
 def conv(ours: str, theirs: str) -> list[Entry]:
-  return [(f"{ours}/kernel", f"{theirs}.weight", "conv"), (f"{ours}/bias", f"{theirs}.bias", "same")]
+  return [(f"{ours}/kernel", f"{theirs}.weight", "conv"),
+          (f"{ours}/bias", f"{theirs}.bias", "same")]
 
 
 def norm(ours: str, theirs: str) -> list[Entry]:

@@ -23,7 +23,7 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
 
 
 def _source_scale(in_size: int, out_size: int, scale_factor: Optional[float]) -> float:
-  # torch: an explicit scale_factor is used as 1/scale_factor; otherwise in/out (align_corners=False).
+  # torch (align_corners=False): an explicit scale_factor is used as 1/scale_factor, else in/out.
   if scale_factor is not None and scale_factor > 0:
     return 1.0 / scale_factor
   return in_size / out_size

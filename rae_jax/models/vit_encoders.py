@@ -7,8 +7,9 @@ a final LayerNorm WITHOUT affine (the checkpoint's weight/bias are dropped):
   mae         ViTMAEModel with masking disabled (identity order), drops CLS (`MAEwNorm`)
   toy_vit     a tiny randomly initialised MAE-style ViT for demos/tests (no weights)
 Field defaults equal the HF config classes' defaults, so sparse config.json files (e.g. a
-SiglipModel's vision_config) build the same model. Position embeddings are interpolated to the input grid exactly as HF does (DINOv2: antialiased
-bicubic; SigLIP/MAE: plain bicubic), only when the grid or aspect differs from the checkpoint's.
+SiglipModel's vision_config) build the same model. Position embeddings are interpolated to the
+input grid exactly as HF does (DINOv2: antialiased bicubic; SigLIP/MAE: plain bicubic), only when
+the grid or aspect differs from the checkpoint's.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ class Dinov2RegEncoder(nn.Module):
     x = _blocks(x, self.num_hidden_layers, self.num_attention_heads, int(c * self.mlp_ratio),
                 self.layer_norm_eps, self.hidden_act, self.qkv_bias, self.layerscale_value,
                 self.dtype)
-    x = layer_norm(self.layer_norm_eps, "final_norm", affine=not self.normalize, dtype=self.dtype)(x)
+    x = layer_norm(self.layer_norm_eps, "final_norm", affine=not self.normalize,
+                   dtype=self.dtype)(x)
     return x[:, 1 + self.num_register_tokens:]
 
 
