@@ -353,7 +353,8 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
                           "the imported snapshot", weights.checkpoint_dir(workdir, item.stage))
       del converted
       summary[item.stage] = info
-      logging.info("import_torch: %s <- %s (%s)", item.stage, item.source, info["kind"])
+      logging.info("import_torch: %s <- %s (%s, %s weights)", item.stage, item.tensors.path,
+                   info["kind"], item.tensors.entry)
     _sync("rae_jax_import_converted")
     if primary:
       for item in items:
@@ -384,7 +385,8 @@ def _has_stage(workdir: str, stage: str) -> bool:
 
 
 def _export_state_dict(config: mlc.ConfigDict, stage: str, params) -> dict[str, np.ndarray]:
-  params = builders.host_tree(params)
+  # Official checkpoints are float32 (torch has no view of numpy's ml_dtypes bfloat16).
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), builders.host_tree(params))
   if stage == builders.STAGE1_DIR:
     return decoder_names.to_state_dict(decoder_module(config), params)
   model = builders.build_stage2_model(_model_cfg(config, stage))

@@ -7,6 +7,7 @@ torch is optional: it is imported only when a .pt file is read or written.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import pickle
 import warnings
@@ -78,6 +79,7 @@ class _Safetensors(Mapping):
 
   def __init__(self, path: pathlib.Path):
     from safetensors import safe_open
+    self._path = path
     self._handle = safe_open(str(path), framework="numpy")
     self._keys = list(self._handle.keys())
     self._key_set = set(self._keys)
@@ -85,7 +87,18 @@ class _Safetensors(Mapping):
   def __getitem__(self, key):
     if key not in self._key_set:
       raise KeyError(key)
+    if self._handle.get_slice(key).get_dtype() == "BF16":  # numpy has no bfloat16
+      return self._bfloat16(key)
     return self._handle.get_tensor(key)
+
+  def _bfloat16(self, key) -> np.ndarray:
+    import ml_dtypes  # ships with jax
+    with open(self._path, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      info = json.loads(f.read(n))[key]
+    start, end = info["data_offsets"]
+    raw = np.memmap(self._path, np.uint8, mode="r", offset=8 + n + start, shape=(end - start,))
+    return raw.view(ml_dtypes.bfloat16).reshape(info["shape"]).astype(np.float32)
 
   def __contains__(self, key):
     return key in self._key_set
