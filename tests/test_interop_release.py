@@ -379,3 +379,17 @@ def test_interrupted_export_keeps_previous_export(trained, exported, monkeypatch
 def test_export_of_empty_workdir_says_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing to export"):
     release.export_release(tiny_config(), str(tmp_path), "ema")
+
+
+def test_replace_dir_recovers_from_a_kill_between_renames(tmp_path):
+  dst = tmp_path / "export"
+  (tmp_path / "export.old").mkdir()  # killed after moving the previous export aside
+  (tmp_path / "export.old" / "a.pt").write_text("previous")
+  release.recover_dir(str(dst))  # what export_release does first
+  assert (dst / "a.pt").read_text() == "previous"
+  assert sorted(os.listdir(tmp_path)) == ["export"]
+  (tmp_path / "new").mkdir()
+  (tmp_path / "new" / "a.pt").write_text("new")
+  release.replace_dir(str(tmp_path / "new"), str(dst))
+  assert (dst / "a.pt").read_text() == "new"
+  assert sorted(os.listdir(tmp_path)) == ["export"]

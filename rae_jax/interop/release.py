@@ -299,9 +299,17 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def recover_dir(dst: str) -> None:
+  """Undo a kill between replace_dir's two renames: `dst.old` is then the only complete copy."""
+  old = dst + ".old"
+  if os.path.exists(old) and not os.path.exists(dst):
+    os.replace(old, dst)
+
+
 def replace_dir(src: str, dst: str) -> None:
   """Move `src` to `dst`, replacing it; `dst` is never a half-written mix of both."""
   old = dst + ".old"
+  recover_dir(dst)
   if os.path.exists(old):
     shutil.rmtree(old)
   if os.path.exists(dst):
@@ -312,8 +320,9 @@ def replace_dir(src: str, dst: str) -> None:
 
 
 def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
-  """Import the official files named in config.interop into `workdir`; returns a summary
-  {stage: {'source', 'entry', 'kind', 'num_params' | 'keys', 'written'}}."""
+  """Import the official files named in config.interop into `workdir` (replacing earlier imports
+  of the same stages). Returns {stage: {'source', 'spec', 'entry', 'kind', 'num_params' | 'keys',
+  'written'}} for 'stage2', 'guide', 'stage1', 'stats'."""
   specs = [(stage, field, config.interop[field]) for stage, field, _ in PARTS
            if config.interop[field]]
   if not specs:
@@ -442,7 +451,12 @@ def _readme(config: mlc.ConfigDict, which: str, written: Mapping[str, str]) -> s
 
 
 def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> str:
-  """Write <workdir>/export/ from whatever the workdir has; returns that directory."""
+  """Write <workdir>/export/ from whatever the workdir has; returns that directory.
+
+  Weights come from weights.load_params (newest training checkpoint, else the imported
+  snapshot; `which` = 'ema' | 'params'), stats from builders.stats_path (config.stats.path, else
+  <workdir>/stats/stat.npz). Every process must call it; process 0 writes.
+  """
   from rae_jax.train import mesh as mesh_lib
   torch_io.require_torch("export_torch")
   if which not in ("ema", "params"):
@@ -461,6 +475,7 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
   written: dict[str, str] = {}
   try:
     if primary:
+      recover_dir(final)
       if os.path.exists(tmp):  # left by a killed export
         shutil.rmtree(tmp)
       os.makedirs(tmp)
