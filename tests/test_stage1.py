@@ -1,0 +1,218 @@
+"""Stage-1 training (rae_jax.pipeline.stage1): all losses, phase switches, exact resume, L1 demo path.
+
+Tiny models: the demo config at 16px, random LPIPS VGG weights written in the importers' .pth
+formats, a random 2-block DINO discriminator. The persistent compilation cache is switched on for
+this module only, so the resume runs reuse the executables of the uninterrupted run.
+"""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+from conftest import REPO
+from rae_jax.config_checks import ConfigError
+from rae_jax.losses.lpips import CHANNELS, VGG16_LAYERS
+from rae_jax.pipeline import stage1
+
+N_STEPS = 4  # 2 epochs of 2 steps: LPIPS from step 0, GAN term and D updates from step 2.
+
+
+def demo_config():
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  previous = jax.config.jax_compilation_cache_dir
+  previous_min = jax.config.jax_persistent_cache_min_compile_time_secs
+  cc.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cc.reset_cache()
+  yield
+  cc.set_cache_dir(previous)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous_min)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def lpips_dir(tmp_path_factory):
+  """Random VGG16 (He init) + LPIPS lin weights as torchvision / lpips .pth files."""
+  torch = pytest.importorskip("torch")
+  folder = tmp_path_factory.mktemp("lpips")
+  rng = np.random.default_rng(0)
+  vgg, prev = {}, 3
+  for layer in VGG16_LAYERS:
+    if layer == "M":
+      continue
+    idx, ch = layer
+    w = rng.standard_normal((ch, prev, 3, 3)) * np.sqrt(2.0 / (9 * prev))
+    vgg[f"features.{idx}.weight"] = torch.from_numpy(w.astype(np.float32))
+    vgg[f"features.{idx}.bias"] = torch.from_numpy((rng.standard_normal(ch) * 0.01).astype(np.float32))
+    prev = ch
+  torch.save(vgg, folder / "vgg16-397923af.pth")
+  lin = {f"lin{k}.model.1.weight": torch.from_numpy(rng.uniform(0, 0.1, (1, c, 1, 1)).astype(np.float32))
+         for k, c in enumerate(CHANNELS)}
+  torch.save(lin, folder / stage1.LPIPS_LIN_FILE)
+  return str(folder)
+
+
+def tiny_config(lpips_dir, num_steps):
+  c = demo_config()
+  c.data.image_size = 16
+  c.data.synthetic_size = 16
+  c.encoder.input_size = 16
+  c.encoder.patch_size = 4
+  c.decoder.patch_size = 4
+  c.stage1.global_batch_size = 8  # 2 steps per epoch
+  c.stage1.optim.num_steps = num_steps
+  c.stage1.optim.warmup_epochs = 0.5
+  c.stage1.optim.decay_end_epoch = 4
+  loss = c.stage1.loss
+  loss.perceptual_weight = 1.0
+  loss.lpips_weights = lpips_dir
+  loss.lpips_start = 0.0
+  loss.disc_weight = 0.75
+  loss.disc_start = 1.0
+  loss.disc_upd_start = 1.0
+  disc = c.stage1.disc
+  disc.enabled = True
+  disc.random_init = True
+  disc.recipe = "S_16"
+  disc.recipe_overrides = dict(depth=2, embed_dim=32, num_heads=2, patch_size=32)
+  disc.key_depths = (0,)
+  disc.ks = 3
+  disc.optim.warmup_epochs = 0.5
+  disc.optim.decay_end_epoch = 4
+  c.checkpoint.every_steps = 2
+  c.log.every_steps = 1
+  c.log.tensorboard = False
+  c.log.sample_every_steps = 2
+  return c
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+class Recorder:
+  """Train-loop hook keeping every step's metrics and a host copy of the discriminator."""
+
+  def __init__(self):
+    self.metrics, self.disc = {}, {}
+
+  def __call__(self, step, state, metrics):
+    self.metrics[step] = metrics
+    if "disc" in state.extra:
+      self.disc[step] = host({"disc": state.extra["disc"], "spectral": state.extra["spectral"]})
+
+
+@pytest.fixture(scope="module")
+def full_run(lpips_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("stage1_full"))
+  rec = Recorder()
+  state = stage1.train_stage1(tiny_config(lpips_dir, N_STEPS), workdir, hooks=[rec])
+  return workdir, host(state), rec
+
+
+def test_phases_and_config_errors(lpips_dir):
+  settings = stage1.LossSettings(perceptual_weight=1.0, disc_weight=0.5)
+  c = demo_config()
+  c.stage1.loss.lpips_start, c.stage1.loss.disc_start, c.stage1.loss.disc_upd_start = 0.5, 8, 6
+  phases = stage1.Phases.from_config(c.stage1, settings, steps_per_epoch=10)
+  assert (phases.lpips_start, phases.gan_start, phases.disc_start) == (5, 80, 60)
+  assert phases.at(0) == (False, False, False)
+  assert phases.at(5) == (True, False, False)
+  assert phases.at(60) == (True, False, True)
+  assert phases.at(80) == (True, True, True)
+  off = stage1.Phases.from_config(c.stage1, stage1.LossSettings(), steps_per_epoch=10)
+  assert off.at(10**6) == (False, False, False)  # L1 only: one phase, one compiled step
+
+  c = demo_config()
+  c.stage1.loss.perceptual_weight = 1.0
+  with pytest.raises(ConfigError, match=r"config\.stage1\.loss\.lpips_weights"):
+    stage1.train_stage1(c, "/nonexistent")
+  c.stage1.loss.lpips_weights = "/nonexistent/lpips"
+  with pytest.raises(ConfigError, match="is not a folder"):
+    stage1.train_stage1(c, "/nonexistent")
+  c = demo_config()
+  c.stage1.disc.enabled = True
+  with pytest.raises(ConfigError, match=r"config\.stage1\.disc\.dino_ckpt_path"):
+    stage1.train_stage1(c, "/nonexistent")
+  c.stage1.disc.random_init = True
+  c.stage1.loss.disc_loss = "wasserstein"
+  with pytest.raises(ConfigError, match="disc_loss"):
+    stage1.train_stage1(c, "/nonexistent")
+
+
+def test_all_losses_run_and_discriminator_trains(full_run):
+  workdir, state, rec = full_run
+  assert int(state.step) == N_STEPS
+  assert sorted(rec.metrics) == list(range(1, N_STEPS + 1))
+  for step, m in rec.metrics.items():
+    assert all(np.isfinite(v) for v in m.values()), (step, m)
+    assert m["l1"] > 0 and m["lpips"] > 0
+    gan_active = step > 2  # updates 0, 1 precede disc_start (step 2)
+    for key in ("g_loss", "d_weight", "d_loss", "d_lr"):
+      assert (m[key] != 0) == gan_active, (step, key, m[key])
+    assert 0 <= m["disc_acc"] <= 1
+    if gan_active:
+      assert 0 < m["d_weight"] <= 1e4
+      np.testing.assert_allclose(m["loss"], m["l1"] + m["lpips"] + 0.75 * m["d_weight"] * m["g_loss"],
+                                 rtol=1e-5)
+    else:
+      np.testing.assert_allclose(m["loss"], m["l1"] + m["lpips"], rtol=1e-6)
+  # No D update before step 2; then heads and spectral vectors move; the frozen ViT is not state.
+  same = jax.tree.map(np.array_equal, rec.disc[1], rec.disc[2])
+  assert all(jax.tree.leaves(same))
+  for k in ("disc", "spectral"):  # (a 1-vector u of a 1-output conv stays +-1)
+    moved = jax.tree.map(lambda a, b: a.size == 1 or not np.array_equal(a, b),
+                         rec.disc[2][k], rec.disc[3][k])
+    assert all(jax.tree.leaves(moved)), k
+  assert "dino" not in state.extra["disc"]
+  assert int(state.extra["disc_step"]) == N_STEPS - 2
+  # EMA differs from the raw decoder; reconstruction grids were written.
+  assert not np.array_equal(state.params["decoder_pred"]["kernel"],
+                            state.ema_params["decoder_pred"]["kernel"])
+  samples = os.listdir(os.path.join(workdir, "stage1", "samples"))
+  assert sorted(samples) == ["step_00000002.png", "step_00000004.png"]
+
+
+def test_resume_is_exact(full_run, lpips_dir, tmp_path):
+  _, full_state, _ = full_run
+  workdir = str(tmp_path)
+  half = stage1.train_stage1(tiny_config(lpips_dir, N_STEPS // 2), workdir)
+  assert int(half.step) == N_STEPS // 2
+  resumed = host(stage1.train_stage1(tiny_config(lpips_dir, N_STEPS), workdir))
+  assert int(resumed.step) == N_STEPS
+  for name in ("params", "ema_params", "opt_state", "extra"):
+    a, b = getattr(resumed, name), getattr(full_state, name)
+    assert jax.tree.structure(a) == jax.tree.structure(b), name
+    diffs = [jax.tree_util.keystr(path) for (path, x), y in
+             zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
+             if not np.array_equal(x, y)]
+    assert not diffs, (name, diffs[:5])
+
+
+def test_l1_only_demo_path_learns(tmp_path):
+  c = demo_config()
+  c.data.synthetic_size = 128
+  c.stage1.global_batch_size = 16
+  c.stage1.optim.num_steps = 30
+  c.checkpoint.every_steps = 1000
+  c.log.every_steps = 1
+  c.log.tensorboard = False
+  rec = Recorder()
+  state = stage1.train_stage1(c, str(tmp_path), hooks=[rec])
+  assert int(state.step) == 30
+  keys = set(rec.metrics[1]) - {"steps_per_sec", "images_per_sec"}
+  assert keys == {"loss", "l1", "grad_norm", "lr"}  # no LPIPS / GAN terms computed or logged
+  assert state.extra == {}
+  l1 = np.array([rec.metrics[s]["l1"] for s in range(1, 31)])
+  assert np.all(np.isfinite(l1))
+  assert l1[-5:].mean() < 0.7 * l1[:5].mean(), l1
