@@ -15,6 +15,7 @@ from safetensors.torch import load_file as load_safetensors_torch
 from safetensors.torch import save_file as save_safetensors_torch
 
 from rae_jax import presets
+from rae_jax import atomic
 from rae_jax.interop import decoder_names, ditdh_names, release, stats as stats_lib, torch_io
 from rae_jax.interop.common import StateDictError, flatten
 from rae_jax.interop.hf_encoders import load_hf_encoder
@@ -385,11 +386,11 @@ def test_replace_dir_recovers_from_a_kill_between_renames(tmp_path):
   dst = tmp_path / "export"
   (tmp_path / "export.old").mkdir()  # killed after moving the previous export aside
   (tmp_path / "export.old" / "a.pt").write_text("previous")
-  release.recover_dir(str(dst))  # what export_release does first
+  atomic.recover_dir(str(dst))  # what export_release does first
   assert (dst / "a.pt").read_text() == "previous"
   assert sorted(os.listdir(tmp_path)) == ["export"]
   (tmp_path / "new").mkdir()
   (tmp_path / "new" / "a.pt").write_text("new")
-  release.replace_dir(str(tmp_path / "new"), str(dst))
+  atomic.replace_dir(str(tmp_path / "new"), str(dst))
   assert (dst / "a.pt").read_text() == "new"
   assert sorted(os.listdir(tmp_path)) == ["export"]

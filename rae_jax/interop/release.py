@@ -29,6 +29,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax.atomic import recover_dir, replace_dir
 from rae_jax.interop import decoder_names, ditdh_names, stats as stats_lib, torch_io
 from rae_jax.interop.common import StateDictError, check_keys
 from rae_jax.models.decoder import ViTDecoder, decoder_from_hf_config
@@ -297,26 +298,6 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
-
-
-def recover_dir(dst: str) -> None:
-  """Undo a kill between replace_dir's two renames: `dst.old` is then the only complete copy."""
-  old = dst + ".old"
-  if os.path.exists(old) and not os.path.exists(dst):
-    os.replace(old, dst)
-
-
-def replace_dir(src: str, dst: str) -> None:
-  """Move `src` to `dst`, replacing it; `dst` is never a half-written mix of both."""
-  old = dst + ".old"
-  recover_dir(dst)
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  if os.path.exists(dst):
-    os.replace(dst, old)
-  os.replace(src, dst)
-  if os.path.exists(old):
-    shutil.rmtree(old)
 
 
 def import_release(config: mlc.ConfigDict, workdir: str) -> dict:

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rae_jax.atomic import recover_dir, replace_dir
+
 WEIGHTS = "weights"
 META = "meta.json"
 
@@ -25,6 +27,7 @@ def weights_dir(workdir: str, stage: str) -> str:
 
 
 def has_weights(workdir: str, stage: str) -> bool:
+  recover_dir(weights_dir(workdir, stage))
   return os.path.exists(os.path.join(weights_dir(workdir, stage), META))
 
 
@@ -42,12 +45,7 @@ def save_weights(workdir: str, stage: str, params: Any, ema_params: Optional[Any
   if jax.process_index() == 0:
     with open(os.path.join(tmp, META), "w") as f:
       json.dump(dict(meta or {}), f, indent=2, default=str)
-    old = final + ".old"
-    if os.path.exists(final):
-      os.replace(final, old)
-    os.replace(tmp, final)
-    if os.path.exists(old):
-      shutil.rmtree(old)
+    replace_dir(tmp, final)
   return final
 
 
