@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rae_jax.interop.common import StateDictError, check_keys, check_shape, flatten, to_numpy
-from rae_jax.interop.common import unflatten
+from rae_jax.interop.common import (StateDictError, check_keys, check_shape, flatten, to_numpy,
+                                    unflatten)
 from rae_jax.models import layers
 from rae_jax.models.ditdh import DiTDH
 from rae_jax.models.lightning_dit import LightningDiT

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Sequence, Union
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from rae_jax.models import layers
