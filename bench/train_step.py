@@ -1,0 +1,286 @@
+"""Stage-2 train-step benchmarks, printed as a table. Run by hand, e.g.
+
+  python bench/train_step.py                        # all rows, defaults below
+  python bench/train_step.py --rows=s_step --steps=3
+  python bench/train_step.py --rows=xl_memory --mem_devices=64 --per_device_batch=16
+  python bench/train_step.py --rows=s_step --torch_ref_src=/path/to/official/RAE/src
+
+Rows:
+  s_step     DiTDH-S (official S config, 16x16x768 latents) train step on one device:
+             compile time, step time, images/s (float32 by default).
+  xl_compile DiTDH-XL train-step compile time with and without scan-over-layers.
+  xl_memory  compiled.memory_analysis() per device for DiTDH-XL on a mesh of --mem_devices
+             forced host devices at --per_device_batch images per device (remat on/off).
+  encoder    steps/s from cached latents vs. with the frozen RAE encoder (DINOv2-B, random
+             weights: speed only) inside the step, on 256px images.
+  --torch_ref_src adds the official PyTorch DiTwDDTHead train step (same config, batch, AdamW)
+  on this machine for comparison; nothing from it is imported unless the flag is given.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--rows', default='s_step,xl_compile,xl_memory,encoder',
+                 help='comma-separated subset of: s_step, xl_compile, xl_memory, encoder')
+  p.add_argument('--batch', type=int, default=4, help='batch for s_step and encoder rows')
+  p.add_argument('--steps', type=int, default=3, help='timed steps per row (after 1 warmup)')
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--mem_devices', type=int, default=64)
+  p.add_argument('--per_device_batch', type=int, default=16)
+  p.add_argument('--mem_remat', default='1,0', help='remat settings for xl_memory (1,0)')
+  p.add_argument('--xl_scan', default='1,0', help='scan_layers settings for xl_compile')
+  p.add_argument('--image_size', type=int, default=256)
+  p.add_argument('--torch_ref_src', default=None,
+                 help='official RAE src/ folder: also time its train step (PyTorch, CPU)')
+  p.add_argument('--torch_threads', type=int, default=0, help='torch.set_num_threads (0: default)')
+  return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if 'xl_memory' in ARGS.rows:
+  # Forced host devices must be configured before JAX initialises its CPU backend.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={ARGS.mem_devices}')
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rae_jax.diffusion.transport import create_transport  # noqa: E402
+from rae_jax.models.ditdh import DiTDH  # noqa: E402
+from rae_jax.train import mesh as mesh_lib  # noqa: E402
+from rae_jax.train import optim  # noqa: E402
+from rae_jax.train import state as state_lib  # noqa: E402
+from rae_jax.train import step as step_lib  # noqa: E402
+
+LATENT = (16, 16, 768)
+S = dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16))
+XL = dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16))
+ROWS: list[tuple[str, str, str]] = []
+
+
+def row(name, metric, value):
+  ROWS.append((name, metric, value))
+  print(f'  {name:<44} {metric:<26} {value}', flush=True)
+
+
+def ditdh(size: dict, dtype=jnp.float32, **kw):
+  return DiTDH(input_size=16, patch_size=1, in_channels=768, mlp_ratio=4.0,
+               class_dropout_prob=0.1, num_classes=1000, use_qknorm=False, use_swiglu=True,
+               use_rope=True, use_rmsnorm=True, wo_shift=False, use_pos_embed=True, dtype=dtype,
+               **size, **kw)
+
+
+def stage2_loss(model, encode=None):
+  """Official stage-2 loss: logit-normal(0,1) times shifted by sqrt(16*16*768/4096)."""
+  transport = create_transport(time_dist_type='logit-normal_0_1',
+                               time_dist_shift=float(np.sqrt(np.prod(LATENT) / 4096)))
+
+  def loss_fn(params, batch, key, frozen=None):
+    k_loss, k_drop = jax.random.split(key)
+    x = batch['latent'] if encode is None else encode(frozen, batch['image'])
+
+    def apply_fn(p, x_t, t, y):
+      return model.apply({'params': p}, x_t, t, y, train=True, rngs={'label_dropout': k_drop})
+    return transport.training_loss(params, apply_fn, x, k_loss, y=batch['label']), {}
+  return loss_fn
+
+
+def setup(model, mesh, batch_size, *, encode=None, frozen_shardings=None, abstract=False):
+  tx = optim.make_optimizer(optim.lr_schedule(2e-4, 2e-5, 40, 800), clip_grad=1.0)
+
+  def init(key):
+    x = jnp.zeros((1,) + LATENT)
+    params = model.init(key, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))['params']
+    return state_lib.create_train_state(params, tx, jax.random.PRNGKey(1))
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = state_lib.state_shardings(abstract_state, mesh)
+  step = step_lib.make_train_step(stage2_loss(model, encode), tx, 0.9995, shardings,
+                                  mesh_lib.batch_sharding(mesh), frozen_shardings=frozen_shardings)
+  if abstract:
+    return step, state_lib.abstract_state(abstract_state, shardings), shardings
+  return step, jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0)), shardings
+
+
+def latent_batch(mesh, b, abstract=False):
+  bs = mesh_lib.batch_sharding(mesh)
+  if abstract:
+    return {'latent': jax.ShapeDtypeStruct((b,) + LATENT, jnp.float32, sharding=bs),
+            'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs)}
+  rng = np.random.default_rng(0)
+  return jax.device_put({'latent': rng.standard_normal((b,) + LATENT).astype(np.float32),
+                         'label': rng.integers(0, 1000, b).astype(np.int32)}, bs)
+
+
+def timed_steps(step, state, batch, n, *extra):
+  state, m = step(state, batch, *extra)  # warmup (also finishes async compile work)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    state, m = step(state, batch, *extra)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return state, float(np.median(times))
+
+
+def bench_s_step(args):
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  dtype = jnp.dtype(args.dtype)
+  model = ditdh(S, dtype)
+  step, state, _ = setup(model, mesh, args.batch)
+  batch = latent_batch(mesh, args.batch)
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  row(f'DiTDH-S step, batch {args.batch}, {args.dtype}', 'compile', f'{time.perf_counter() - t:.1f} s')
+  _, dt = timed_steps(compiled, state, batch, args.steps)
+  row(f'DiTDH-S step, batch {args.batch}, {args.dtype}', 'step time (median)', f'{dt:.2f} s')
+  row(f'DiTDH-S step, batch {args.batch}, {args.dtype}', 'images/s', f'{args.batch / dt:.3f}')
+  return dt
+
+
+def bench_torch_reference(args):
+  """The official DiTwDDTHead train step: forward, flow-matching loss, backward, clip, AdamW."""
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.abspath(args.torch_ref_src))
+  from stage2.models.DDT import DiTwDDTHead  # pylint: disable=g-import-not-at-top
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  torch.manual_seed(0)
+  model = DiTwDDTHead(input_size=16, patch_size=1, in_channels=768, mlp_ratio=4.0,
+                      class_dropout_prob=0.1, num_classes=1000, use_qknorm=False,
+                      use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False,
+                      use_pos_embed=True, **{k: list(v) for k, v in S.items()})
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
+  b = args.batch
+  x = torch.randn(b, 768, 16, 16)
+  y = torch.randint(0, 1000, (b,))
+
+  def one():
+    t = torch.sigmoid(torch.randn(b))
+    noise = torch.randn_like(x)
+    te = t.view(-1, 1, 1, 1)
+    xt = te * x + (1 - te) * noise
+    loss = ((model(xt, t, y) - (x - noise)) ** 2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+  one()
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    one()
+    times.append(time.perf_counter() - t0)
+  dt = float(np.median(times))
+  row(f'official PyTorch DiTDH-S step, batch {b}, fp32', 'step time (median)', f'{dt:.2f} s')
+  row(f'official PyTorch DiTDH-S step, batch {b}, fp32', 'images/s', f'{b / dt:.3f}')
+  return dt
+
+
+def bench_xl_compile(args):
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  for scan in [s == '1' for s in args.xl_scan.split(',')]:
+    model = ditdh(XL, jnp.dtype(args.dtype), scan_layers=scan, remat=True)
+    step, state, _ = setup(model, mesh, 2, abstract=True)
+    t = time.perf_counter()
+    lowered = step.lower(state, latent_batch(mesh, 2, abstract=True))
+    t_lower = time.perf_counter() - t
+    lowered.compile()
+    t_all = time.perf_counter() - t
+    row(f'DiTDH-XL step compile, scan_layers={scan}', 'trace+lower / total',
+        f'{t_lower:.1f} s / {t_all:.1f} s')
+
+
+def bench_xl_memory(args):
+  n = args.mem_devices
+  if jax.device_count() < n:
+    raise SystemExit(f'xl_memory needs {n} devices, found {jax.device_count()} '
+                     '(run with JAX_PLATFORMS=cpu so the forced host devices are used).')
+  mesh = mesh_lib.make_mesh(1, -1, devices=jax.devices()[:n])
+  b = args.per_device_batch * n
+  for remat in [s == '1' for s in args.mem_remat.split(',')]:
+    model = ditdh(XL, jnp.dtype(args.dtype), scan_layers=True, remat=remat)
+    step, state, _ = setup(model, mesh, b, abstract=True)
+    t = time.perf_counter()
+    compiled = step.lower(state, latent_batch(mesh, b, abstract=True)).compile()
+    mem = compiled.memory_analysis()
+    gib = 1024 ** 3
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
+             mem.temp_size_in_bytes)
+    name = (f'DiTDH-XL, {n} devices x {args.per_device_batch} img, remat={remat}')
+    row(name, 'args / temp (GiB/device)',
+        f'{mem.argument_size_in_bytes / gib:.2f} / {mem.temp_size_in_bytes / gib:.2f}')
+    row(name, 'peak estimate (GiB/device)',
+        f'{total / gib:.2f} ({"fits" if total <= 14 * gib else "EXCEEDS"} 14 GiB)')
+    row(name, 'compile', f'{time.perf_counter() - t:.1f} s')
+
+
+def bench_encoder(args):
+  """Steps/s from cached latents vs. encoding 256px images with DINOv2-B inside the step."""
+  from rae_jax.models.resize import resize_bicubic  # pylint: disable=g-import-not-at-top
+  from rae_jax.models.vit_encoders import build_encoder  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  dtype = jnp.dtype(args.dtype)
+  encoder = build_encoder('dinov2_reg', dtype=dtype)  # DINOv2-B/14 with registers, 224 input
+  enc_params = jax.jit(encoder.init)(jax.random.PRNGKey(2),
+                                     jnp.zeros((1, 224, 224, 3)))['params']
+
+  def encode(frozen, images):
+    # What RAE.encode does at tau = 0 (no stats): resize to 224, normalise, encode, reshape.
+    mean = jnp.asarray((0.485, 0.456, 0.406))
+    std = jnp.asarray((0.229, 0.224, 0.225))
+    x = resize_bicubic(images, (224, 224))
+    z = jax.lax.stop_gradient(encoder.apply({'params': frozen}, (x - mean) / std))
+    return z.reshape(z.shape[0], 16, 16, z.shape[-1])
+  model = ditdh(S, dtype)
+  rep = jax.tree.map(lambda _: mesh_lib.replicated(mesh), enc_params)
+  step_img, state, _ = setup(model, mesh, args.batch, encode=encode, frozen_shardings=rep)
+  rng = np.random.default_rng(0)
+  s = args.image_size
+  images = jax.device_put({'image': rng.random((args.batch, s, s, 3), np.float32),
+                           'label': rng.integers(0, 1000, args.batch).astype(np.int32)},
+                          mesh_lib.batch_sharding(mesh))
+  enc_params = jax.device_put(enc_params, rep)
+  _, dt_img = timed_steps(step_img, state, images, args.steps, enc_params)
+  step_lat, state, _ = setup(model, mesh, args.batch)
+  _, dt_lat = timed_steps(step_lat, state, latent_batch(mesh, args.batch), args.steps)
+  name = f'DiTDH-S batch {args.batch}: encoder in step vs cached'
+  row(name, 'steps/s (encoder in step)', f'{1 / dt_img:.3f}')
+  row(name, 'steps/s (cached latents)', f'{1 / dt_lat:.3f} ({dt_img / dt_lat:.2f}x)')
+
+
+def main():
+  args = ARGS
+  rows = [r.strip() for r in args.rows.split(',') if r.strip()]
+  print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}')
+  for r in rows:
+    print(f'== {r}', flush=True)
+    if r == 's_step':
+      dt = bench_s_step(args)
+      if args.torch_ref_src:
+        dt_ref = bench_torch_reference(args)
+        row('JAX / PyTorch throughput', 'ratio', f'{dt_ref / dt:.2f}x')
+    elif r == 'xl_compile':
+      bench_xl_compile(args)
+    elif r == 'xl_memory':
+      bench_xl_memory(args)
+    elif r == 'encoder':
+      bench_encoder(args)
+    else:
+      raise SystemExit(f'unknown row {r!r}')
+  print('\n| benchmark | metric | value |\n|---|---|---|')
+  for name, metric, value in ROWS:
+    print(f'| {name} | {metric} | {value} |')
+
+
+if __name__ == '__main__':
+  main()

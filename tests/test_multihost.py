@@ -1,0 +1,54 @@
+"""Multi-host: 2 processes x 2 CPU devices (jax.distributed, gloo) == 1 process x 4 devices."""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import rel_err
+
+WORKER = pathlib.Path(__file__).resolve().parent / 'train_worker.py'
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
+                      '--xla_backend_optimization_level=0')
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  steps = ['--steps', '4', '--save_every', '2']
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    args = [sys.executable, str(WORKER), '--workdir', str(tmp_path / 'multi'), *steps,
+            '--coordinator', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id',
+            str(pid), '--out', str(tmp_path / 'multi.npz')]
+    procs.append(subprocess.Popen(args, env=_env(2), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  single = subprocess.Popen([sys.executable, str(WORKER), '--workdir', str(tmp_path / 'single'),
+                             *steps, '--out', str(tmp_path / 'single.npz')], env=_env(4),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  logs = []
+  for p in procs + [single]:
+    out, _ = p.communicate(timeout=600)
+    logs.append(out)
+    assert p.returncode == 0, out
+  # Only process 0 logs training lines; both took part in the checkpoint.
+  assert '[tiny] step 4/4' in logs[0] and '[tiny] step 4/4' not in logs[1], logs[1]
+  assert sorted(os.listdir(tmp_path / 'multi' / 'checkpoints')) == ['2', '4']
+  with np.load(tmp_path / 'multi.npz') as m, np.load(tmp_path / 'single.npz') as s:
+    assert m.files == s.files and len(m.files) > 10
+    errs = [rel_err(m[k], s[k]) for k in s.files]
+  assert max(errs) <= 1e-5, max(errs)
