@@ -8,20 +8,15 @@ import sys
 import numpy as np
 import pytest
 
+import train_worker
+
 WORKER = pathlib.Path(__file__).resolve().parent / 'train_worker.py'
 
 
-def _env(cache_dir, devices=8):
-  env = dict(os.environ)
-  # Same flags in every run (bitwise comparison); the compilation cache lets later runs reuse
-  # the first run's executables, and the low backend optimisation level keeps compiles short.
-  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
-                      '--xla_backend_optimization_level=0')
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
-  return env
+def worker_env(tmp_path_factory):
+  # Cache shared with test_multihost's 1-process reference (the same program).
+  return train_worker.subprocess_env(tmp_path_factory.getbasetemp() / 'tiny_jax_cache',
+                                     devices=4)
 
 
 def _run(args, env, timeout=600):
@@ -42,8 +37,9 @@ def _assert_bitwise_equal(a, b):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_mid_save_is_bitwise_identical(tmp_path):
-  env = _env(tmp_path / 'jax_cache')
+def test_resume_after_kill_mid_save_and_sigterm_is_bitwise_identical(tmp_path,
+                                                                    tmp_path_factory):
+  env = worker_env(tmp_path_factory)
   rc, log = _run(['--workdir', str(tmp_path / 'a'), '--steps', '6', '--out',
                   str(tmp_path / 'a.npz')], env)
   assert rc == 0, log
@@ -58,38 +54,37 @@ def test_resume_after_kill_mid_save_is_bitwise_identical(tmp_path):
   assert '2' in names and '4' not in names, names
   assert any(n.startswith('4.orbax-checkpoint-tmp') for n in names), names
 
-  rc, log = _run(['--workdir', str(tmp_path / 'b'), '--steps', '6', '--out',
-                  str(tmp_path / 'b.npz')], env)
-  assert rc == 0, log
-  assert 'Ignoring incomplete checkpoint' in log and '4.orbax-checkpoint-tmp' in log, log
-  assert 'at step 2' in log and 'done step 3' in log, log  # resumed from 2, redid 3 and 4
-  _assert_bitwise_equal(_load(tmp_path / 'b.npz'), _load(tmp_path / 'a.npz'))
-  assert not any('orbax-checkpoint-tmp' in n for n in os.listdir(ckpt_dir))
-  # keep the last 2 plus every 4th step
-  assert sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) == [4, 6]
-
-  # SIGTERM (preemption): save synchronously, exit 0; the restart finishes identically.
-  proc = subprocess.Popen([sys.executable, str(WORKER), '--workdir', str(tmp_path / 'c'),
-                           '--steps', '6', '--save_every', '100', '--step_sleep', '1.0'],
+  # Restart: ignores the half-written step 4, resumes from 2; SIGTERM after step 3 makes it
+  # save synchronously and exit 0.
+  proc = subprocess.Popen([sys.executable, str(WORKER), '--workdir', str(tmp_path / 'b'),
+                           '--steps', '6', '--step_sleep', '1.0'],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    if line.startswith('done step 2'):
+    if line.startswith('done step 3'):
       proc.send_signal(signal.SIGTERM)
   rc = proc.wait(timeout=300)
   log = ''.join(lines)
   assert rc == 0, log
-  assert 'Preempted at step' in log, log
+  assert 'Ignoring incomplete checkpoint' in log and '4.orbax-checkpoint-tmp' in log, log
+  assert 'at step 2.' in log and 'done step 3' in log, log  # resumed from 2, redid step 3
+  assert 'Preempted at step' in log and 'finished' not in log, log
   stopped = int(log.split('Preempted at step ')[1].split(':')[0])
-  assert 2 <= stopped < 6, log
-  assert 'finished' not in log
-  steps = sorted(int(n) for n in os.listdir(tmp_path / 'c' / 'checkpoints') if n.isdigit())
-  assert steps == [stopped], steps
-  rc, log = _run(['--workdir', str(tmp_path / 'c'), '--steps', '6', '--save_every', '100',
-                  '--out', str(tmp_path / 'c.npz')], env)
+  assert 3 <= stopped < 6, log
+  names = os.listdir(ckpt_dir)
+  assert not any('orbax-checkpoint-tmp' in n for n in names), names
+  assert str(stopped) in names, names
+
+  # Second restart runs to the end: bitwise equal to the uninterrupted run.
+  rc, log = _run(['--workdir', str(tmp_path / 'b'), '--steps', '6', '--out',
+                  str(tmp_path / 'b.npz')], env)
   assert rc == 0, log
-  _assert_bitwise_equal(_load(tmp_path / 'c.npz'), _load(tmp_path / 'a.npz'))
+  assert f'at step {stopped}.' in log, log
+  _assert_bitwise_equal(_load(tmp_path / 'b.npz'), _load(tmp_path / 'a.npz'))
+  # Keep the last 2 plus every 4th step.
+  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  assert steps == sorted({4, 6} | ({stopped} if stopped == 5 else set())), steps
 
 
 def test_checkpointer_roundtrip_in_process(tmp_path):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+import train_worker
+
 WORKER = pathlib.Path(__file__).resolve().parent / 'train_worker.py'
 
 
@@ -18,16 +20,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
-                      '--xla_backend_optimization_level=0')
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
-
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
   steps = ['--steps', '4', '--save_every', '2']
   port = _free_port()
   procs = []
@@ -35,10 +29,13 @@ def test_two_processes_match_one_process(tmp_path):
     args = [sys.executable, str(WORKER), '--workdir', str(tmp_path / 'multi'), *steps,
             '--coordinator', f'127.0.0.1:{port}', '--num_processes', '2', '--process_id',
             str(pid), '--out', str(tmp_path / 'multi.npz')]
-    procs.append(subprocess.Popen(args, env=_env(2), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(subprocess.Popen(args, env=train_worker.subprocess_env(devices=2),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  # 1 process x 4 devices; the compilation cache is shared with test_checkpoint's runs.
+  cache = tmp_path_factory.getbasetemp() / 'tiny_jax_cache'
   single = subprocess.Popen([sys.executable, str(WORKER), '--workdir', str(tmp_path / 'single'),
-                             *steps, '--out', str(tmp_path / 'single.npz')], env=_env(4),
+                             *steps, '--out', str(tmp_path / 'single.npz')],
+                            env=train_worker.subprocess_env(cache, devices=4),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   logs = []
   for p in procs + [single]:
