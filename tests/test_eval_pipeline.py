@@ -55,6 +55,16 @@ def tiny_config():
   return c
 
 
+def _random_like(shapes, seed):
+  """Random parameter values without compiling an init (CPU compile time dominates tests)."""
+  rng = np.random.default_rng(seed)
+  def one(path, s):
+    name = jax.tree_util.keystr(path)
+    base = 1.0 if "norm" in name.lower() and name.endswith("['scale']") else 0.0
+    return (base + 0.05 * rng.standard_normal(s.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """Toy RAE (random encoder from the seed, random decoder) + random tiny DiTDH, saved."""
@@ -62,27 +72,30 @@ def workdir(tmp_path_factory):
   config = tiny_config()
   rae, variables = builders.build_rae(config, wd)
   model = builders.build_stage2_model(config.model)
-  params = builders.init_stage2_params(model, rae.latent_shape, jax.random.PRNGKey(1))
-  # Larger output weights than the zero-init final layer, so the samples depend on the model.
-  params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
-                        params)
-  weights.save_weights(wd, builders.STAGE2_DIR, params)
+  shapes = jax.eval_shape(lambda k: builders.init_stage2_params(model, rae.latent_shape, k),
+                          jax.random.PRNGKey(0))
+  weights.save_weights(wd, builders.STAGE2_DIR, _random_like(shapes, 1))
   weights.save_weights(wd, builders.STAGE1_DIR, variables["decoder"])
   return wd
 
 
-def _sampler(config, wd, devices):
-  mesh = mesh_lib.make_mesh(1, -1, devices=devices)
-  sample_fn, rae = evaluate.load_sampler(config, wd, mesh)
-  return sample_fn, rae, mesh
-
-
-def test_sharded_sampling_is_device_count_independent(workdir):
+@pytest.fixture(scope="module")
+def samplers(workdir):
+  """Samplers over 8 devices and over 1 device, from the same loaded weights."""
   config = tiny_config()
+  mesh8 = mesh_lib.make_mesh(1, -1, devices=jax.devices())
+  models = evaluate.load_generation(config, workdir, mesh8)
+  mesh1 = mesh_lib.make_mesh(1, -1, devices=jax.devices()[:1])
+  on1 = {k: jax.device_put(v, mesh_lib.replicated(mesh1)) if k in ("params", "rae_vars") else v
+         for k, v in models.items()}
+  return {8: evaluate.bind_sampler(config, models, mesh8),
+          1: evaluate.bind_sampler(config, on1, mesh1)}
+
+
+def test_sharded_sampling_is_device_count_independent(samplers):
   indices = np.array([0, 3, 5, 9, 12, 17, 18, 19, 7, 2, 11], np.int32)
   labels = (indices % NUM_CLASSES).astype(np.int32)
-  eight, _, _ = _sampler(config, workdir, jax.devices())
-  one, _, _ = _sampler(config, workdir, jax.devices()[:1])
+  eight, one = samplers[8], samplers[1]
   a, b = eight(labels, indices), one(labels, indices)
   assert a.shape == (len(indices), 16, 16, 3) and a.dtype == np.uint8
   assert a.std() > 1.0  # real images, not a constant
@@ -97,9 +110,9 @@ def test_sharded_sampling_is_device_count_independent(workdir):
   assert np.abs(a[0].astype(int) - a[1].astype(int)).mean() > 0.5
 
 
-def test_generation_resumes_without_redoing_shards(workdir, tmp_path):
+def test_generation_resumes_without_redoing_shards(samplers, tmp_path):
   config = tiny_config()
-  sample_fn, _, _ = _sampler(config, workdir, jax.devices())
+  sample_fn = samplers[8]
   labels = evaluate.eval_labels(config, 20)
   np.testing.assert_array_equal(np.bincount(labels), [5] * NUM_CLASSES)
   calls = []
@@ -179,7 +192,22 @@ def test_fid_stats_then_eval_end_to_end(workdir):
   for k in ("fid", "inception_score", "precision", "recall"):
     assert np.isfinite(saved[k]) and saved[k] == pytest.approx(m[k])
   assert saved["fid"] > 0 and saved["inception_score"] >= 1.0
+  assert saved["fid_method"] == "low_rank_svd"  # 16 samples, 8 references < 2048 dims
   assert 0.0 <= saved["precision"] <= 1.0 and 0.0 <= saved["recall"] <= 1.0
+
+
+def test_low_rank_fid_equals_sqrtm_fid():
+  from rae_jax.eval import metrics
+  rng = np.random.default_rng(0)
+  mix = rng.normal(size=(24, 24))
+  x1 = rng.normal(size=(60, 24)) @ mix
+  x2 = rng.normal(size=(45, 24)) @ mix * 1.3 + 0.4
+  want = metrics.fid_from_features(x1, x2)
+  assert rel_err(scoring.frechet_distance_low_rank(x1, x2), want) <= 1e-8
+  # Fewer samples than dimensions (the case it is used for): still the scipy value.
+  assert rel_err(scoring.frechet_distance_low_rank(x1[:10], x2[:7]),
+                 metrics.fid_from_features(x1[:10], x2[:7])) <= 1e-6
+  assert abs(scoring.frechet_distance_low_rank(x1[:10], x1[:10])) <= 1e-9
 
 
 # ----------------------------------------------------------------------------- PSNR / SSIM
@@ -223,3 +251,30 @@ def test_psnr_ssim_match_numpy():
   assert got_ssim[2] == pytest.approx(1.0, abs=1e-6) and got_ssim[0] < 0.99
   np.testing.assert_allclose(recon.gaussian_kernel1d().sum(), 1.0, rtol=1e-6)
   assert len(recon.gaussian_kernel1d()) == 11
+
+
+class _ScaleRAE:
+  """Stands in for an RAE: 'reconstructs' x as factor * x (hashable, as jit caching needs)."""
+
+  def __init__(self, factor):
+    self.factor = factor
+
+  def __call__(self, variables, x):
+    return x * self.factor
+
+
+def test_reconstruction_metrics_sharded():
+  rng = np.random.default_rng(1)
+  imgs = rng.integers(0, 256, size=(11, 16, 16, 3), dtype=np.uint8)
+  scorer = scoring.Scorer.create(mesh_lib.make_mesh(), "", per_device_batch=1)
+  reader = scoring.array_reader(imgs)
+  same = recon.evaluate_reconstruction(_ScaleRAE(1.0), {}, reader, len(imgs), scorer)
+  assert same["psnr"] == pytest.approx(100.0) and same["ssim"] == pytest.approx(1.0, abs=1e-6)
+  assert abs(same["rfid"]) < 1e-3 and same["random_inception"] is True
+  dark = recon.evaluate_reconstruction(_ScaleRAE(0.5), {}, reader, len(imgs), scorer)
+  x = imgs.astype(np.float64) / 255
+  r = np.clip(np.floor(x * 0.5 * 255 + 0.5), 0, 255) / 255
+  want_psnr = np.mean(20 * np.log10(1 / np.sqrt(np.mean((r - x) ** 2, axis=(1, 2, 3)))))
+  assert dark["psnr"] == pytest.approx(want_psnr, rel=1e-5)
+  assert dark["ssim"] == pytest.approx(np.mean(_np_ssim(r, x)), rel=1e-4)
+  assert dark["rfid"] > 1e-3

@@ -88,23 +88,28 @@ def evaluate_reconstruction(rae, rae_vars: Any, reader: scoring.Reader, num_imag
   One pass: each global batch is reconstructed and both it and the originals go through the
   Inception net on device, so no image set is ever held whole on the host."""
   recon = _cached_reconstruct(rae, scorer.mesh)
+  keep = num_images < inception.POOL3_DIM  # small sets: exact low-rank FID (scoring.fid)
   psnrs, ssims = [], []
-  ref = metrics_lib.FeatureStats.empty(inception.POOL3_DIM)
-  rec = metrics_lib.FeatureStats.empty(inception.POOL3_DIM)
+  stats = {k: metrics_lib.FeatureStats.empty(inception.POOL3_DIM) for k in ("ref", "rec")}
+  kept = {"ref": [], "rec": []}
   for x, n in scorer.global_batches(reader, num_images):
     images, p, s = recon(rae_vars, x)
     psnrs.append(np.asarray(p)[:n])
     ssims.append(np.asarray(s)[:n])
-    ref = ref.update(scorer.features(x)[0][:n])
-    rec = rec.update(scorer.features(images)[0][:n])
+    for k, batch in (("ref", x), ("rec", images)):
+      f = scorer.features(batch)[0][:n]
+      stats[k] = stats[k].update(f)
+      kept[k].append(f if keep else f[:0])
+  f_ref, f_rec = (scoring.Features(stats[k], np.concatenate(kept[k]), np.zeros((0, 0)))
+                  for k in ("ref", "rec"))
   out = {"num_images": int(num_images),
          "psnr": float(np.mean(np.concatenate(psnrs), dtype=np.float64)),
          "ssim": float(np.mean(np.concatenate(ssims), dtype=np.float64)),
          "inception": scorer.label, "random_inception": bool(scorer.is_random)}
   if num_images >= 2:
-    out["rfid"] = metrics_lib.frechet_distance(ref.mu, ref.sigma, rec.mu, rec.sigma)
+    out["rfid"], out["rfid_method"] = scoring.fid(
+        f_rec, f_ref.stats.mu, f_ref.stats.sigma, f_ref.pool3 if keep else None)
   return out
-
 
 def default_num_images(requested: int, available: int) -> int:
   n = min(int(requested), int(available)) if requested > 0 else int(available)

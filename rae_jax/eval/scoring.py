@@ -162,6 +162,7 @@ class Reference:
   sigma: np.ndarray
   pool3: Optional[np.ndarray]
   is_random: Optional[bool]  # None: an ADM file (real weights by construction)
+  pool3_complete: bool = False  # mu/sigma are exactly the statistics of `pool3`
 
 
 def save_stats(path: str, features: Features, *, is_random: bool, source: str) -> str:
@@ -183,6 +184,7 @@ def load_reference(path: str, scorer: Scorer) -> Reference:
   ref = metrics_lib.load_reference_batch(path)
   with np.load(path) as z:
     flag = bool(z["random_inception"]) if "random_inception" in z.files else None
+    count = int(z["num_images"]) if "num_images" in z.files else None
   if flag is not None and flag != scorer.is_random:
     raise ValueError(
         f"{path} was computed with {'RANDOM' if flag else 'real'} Inception weights but this "
@@ -195,10 +197,40 @@ def load_reference(path: str, scorer: Scorer) -> Reference:
       images = z["arr_0"]
     pool3 = extract(scorer, array_reader(images), len(images)).pool3
   mu, sigma = ref.mu, ref.sigma
+  complete = pool3 is not None and count == len(pool3)
   if mu is None:
     stats = metrics_lib.FeatureStats.from_features(pool3)
-    mu, sigma = stats.mu, stats.sigma
-  return Reference(path, mu, sigma, pool3, flag)
+    mu, sigma, complete = stats.mu, stats.sigma, True
+  return Reference(path, mu, sigma, pool3, flag, complete)
+
+
+def frechet_distance_low_rank(x1, x2) -> float:
+  """FID of two feature sets, exact, without the d x d matrix square root.
+
+  With S1 = A^T A and S2 = B^T B (A, B the centred features over sqrt(n-1)), S1 S2 has the
+  nonzero eigenvalues of (A B^T)(A B^T)^T, so tr sqrtm(S1 S2) is the nuclear norm of the
+  n1 x n2 matrix A B^T: O(n^2 d) instead of scipy's O(d^3) Schur root (~45 s CPU at d=2048).
+  Used when both sets are smaller than the dimension (online eval, small runs): S1 S2 is then
+  singular, where `frechet_distance` can only fall back to its eps-regularised root.
+  """
+  x1, x2 = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
+  if x1.ndim != 2 or x2.ndim != 2 or x1.shape[1] != x2.shape[1] or min(len(x1), len(x2)) < 2:
+    raise ValueError(f"FID needs (N>=2, D) features of equal D, got {x1.shape} and {x2.shape}")
+  mu1, mu2 = x1.mean(0), x2.mean(0)
+  a = (x1 - mu1) / np.sqrt(len(x1) - 1)
+  b = (x2 - mu2) / np.sqrt(len(x2) - 1)
+  nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+  diff = mu1 - mu2
+  return float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * nuclear)
+
+
+def fid(features: "Features", mu, sigma, pool3: Optional[np.ndarray] = None) -> tuple[float, str]:
+  """(FID, method): the low-rank exact form when every feature behind both statistics is at
+  hand and both sets are smaller than the dimension, else ADM's sqrtm route."""
+  d = features.stats.mu.shape[0]
+  if (pool3 is not None and len(features.pool3) == features.n and max(features.n, len(pool3)) < d):
+    return frechet_distance_low_rank(pool3, features.pool3), "low_rank_svd"
+  return metrics_lib.frechet_distance(features.stats.mu, features.stats.sigma, mu, sigma), "sqrtm"
 
 
 def score(features: Features, reference: Optional[Reference], *, is_random: bool,
@@ -211,8 +243,8 @@ def score(features: Features, reference: Optional[Reference], *, is_random: bool
   if reference is None:
     return out
   out["reference"] = reference.path
-  out["fid"] = metrics_lib.frechet_distance(features.stats.mu, features.stats.sigma,
-                                            reference.mu, reference.sigma)
+  out["fid"], out["fid_method"] = fid(features, reference.mu, reference.sigma,
+                                      reference.pool3 if reference.pool3_complete else None)
   if reference.pool3 is not None and len(reference.pool3) > k and len(features.pool3) > k:
     p, r = metrics_lib.precision_recall(reference.pool3, features.pool3, k=k)
     out["precision"], out["recall"] = p, r

@@ -17,7 +17,6 @@ import json
 import os
 from typing import Any, Callable, Optional
 
-import jax
 import ml_collections as mlc
 import numpy as np
 from absl import logging
@@ -78,17 +77,27 @@ def _fingerprint(config: mlc.ConfigDict, workdir: str) -> dict:
       stats=builders.stats_path(config, workdir))
 
 
-def load_sampler(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema"):
-  """-> (sample_fn(labels, indices) -> uint8 images, rae). EMA stage-2 (and guide) weights,
-  stage-1 EMA decoder; noise keyed by the eval seed and the sample index."""
+def load_generation(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema") -> dict:
+  """{'generate', 'params', 'guide_params', 'rae_vars', 'rae'}: EMA stage-2 (and autoguidance
+  guide) weights, stage-1 EMA decoder, placed on `mesh`; `generate` is make_generate's."""
   from rae_jax.pipeline.sample import load_models
   model, params, guide_model, guide_params, rae, rae_vars = load_models(config, workdir, mesh,
                                                                         which)
   transport = generate.transport_for(config, rae.latent_shape)
   gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
-  sampler = generation.ShardedSampler(gen, mesh, config.eval.per_device_batch)
-  return generation.bind(sampler, params, guide_params, rae_vars,
-                         generation.eval_seed_key(config.seed)), rae
+  return dict(generate=gen, params=params, guide_params=guide_params, rae_vars=rae_vars, rae=rae)
+
+
+def bind_sampler(config: mlc.ConfigDict, models: dict, mesh) -> Callable:
+  """sample_fn(labels, indices) -> uint8 images, batch-sharded over `mesh`, noise keyed by the
+  eval seed and the sample index."""
+  sampler = generation.ShardedSampler(models["generate"], mesh, config.eval.per_device_batch)
+  return generation.bind(sampler, models["params"], models["guide_params"], models["rae_vars"],
+                         generation.eval_seed_key(config.seed))
+
+
+def load_sampler(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema") -> Callable:
+  return bind_sampler(config, load_generation(config, workdir, mesh, which), mesh)
 
 
 def _write_pngs(paths, directory: str) -> None:
@@ -106,7 +115,7 @@ def run_eval(config: mlc.ConfigDict, workdir: str, *, mesh=None,
   mesh = mesh if mesh is not None else common.make_mesh(config)
   e = config.eval
   out = eval_dir(workdir)
-  sample_fn, _ = load_sampler(config, workdir, mesh)
+  sample_fn = load_sampler(config, workdir, mesh)
   labels = eval_labels(config, e.num_samples)
   paths = generation.generate_shards(sample_fn, labels, os.path.join(out, "shards"),
                                      e.shard_size, manifest=_fingerprint(config, workdir),
