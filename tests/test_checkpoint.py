@@ -121,3 +121,15 @@ def test_checkpointer_roundtrip_in_process(tmp_path):
   ck2.close()
   with pytest.raises(FileNotFoundError, match='no complete checkpoint'):
     ckpt_lib.Checkpointer(tmp_path / 'empty', save_every=1).restore(zeros)
+
+
+def test_metric_writer_tensorboard(tmp_path):
+  from rae_jax.train.loop import MetricWriter, image_grid
+  grid = image_grid(np.ones((5, 4, 6, 3)) * 0.5)
+  assert grid.shape == (8, 18, 3) and grid.dtype == np.uint8 and grid.max() == 128
+  writer = MetricWriter(str(tmp_path), wandb=None)
+  writer.scalars(3, {'train/loss': 0.5, 'train/lr': 1e-4})
+  writer.images(3, 'samples', np.random.default_rng(0).random((4, 8, 8, 3)))
+  writer.close()
+  events = list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  assert len(events) == 1 and events[0].stat().st_size > 100
