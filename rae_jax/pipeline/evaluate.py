@@ -132,8 +132,9 @@ def run_eval(config: mlc.ConfigDict, workdir: str, *, mesh=None,
                           max_kept=len(labels))
   reference = resolve_reference(config, workdir, scorer)
   m = scoring.score(feats, reference, is_random=scorer.is_random)
+  sm = config.sampler
   m.update(samples=samples, label_sampling=e.label_sampling, seed=config.seed,
-           sampler=f"{config.sampler.mode} {config.sampler.method} {config.sampler.num_steps} steps",
+           sampler=f"{sm.mode} {sm.method} {sm.num_steps} steps",
            guidance=f"{config.guidance.method} scale {config.guidance.scale}")
   scoring.write_json(os.path.join(out, "metrics.json"), m)
   logging.info("eval: %s", scoring.format_metrics(m))
