@@ -9,6 +9,7 @@ decode: latents (B,h,w,C) -> z*sqrt(var+eps)+mu -> ViTDecoder -> unpatchify -> x
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -106,8 +107,14 @@ class RAE:
     return self.decode(variables, self.encode(variables, images, rng=rng, noise_tau=noise_tau))
 
   def init_decoder(self, rng: jax.Array):
-    z = jnp.zeros((1, self.decoder.num_patches, self.decoder.hidden_size), jnp.float32)
-    return jax.jit(self.decoder.init)(rng, z)["params"]
+    return init_params(self.decoder, rng, (1, self.decoder.num_patches, self.decoder.hidden_size))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_params(module: nn.Module, rng: jax.Array, input_shape: tuple) -> Any:
+  """Compiled once per (module config, input shape): modules hash by their fields, so every
+  build of the same RAE reuses it instead of tracing op by op."""
+  return module.init(rng, jnp.zeros(input_shape, jnp.float32))["params"]
 
 
 def _read_decoder_config(decoder_config: Union[str, pathlib.Path, Mapping]) -> dict:
@@ -145,7 +152,7 @@ def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
       raise ValueError(f"encoder {encoder_name!r} needs encoder_path (HF hub id or folder)")
     encoder = build_encoder(key, dtype=dtype, **dict(encoder_overrides or {}))
     size = encoder_input_size or encoder.image_size
-    enc_params = jax.jit(encoder.init)(k_enc, jnp.zeros((1, size, size, 3)))["params"]
+    enc_params = init_params(encoder, k_enc, (1, size, size, 3))
     mean, std = TOY_IMAGE_MEAN, TOY_IMAGE_STD
   else:
     loaded = load_hf_encoder(encoder_path, key, dtype=dtype, **dict(encoder_overrides or {}))
