@@ -365,8 +365,12 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
         return (heads, spectral, d_opt, count + 1), m
 
       carry = (extra["disc"], extra.get("spectral", {}), extra["disc_opt"], extra["disc_step"])
-      (heads, spectral, d_opt, count), d_ms = jax.lax.scan(
-          d_update, carry, jax.random.split(k_disc, s.disc_updates))
+      if s.disc_updates == 1:  # the official recipe; no loop to compile
+        (heads, spectral, d_opt, count), d_ms = d_update(carry, k_disc)
+        d_ms = jax.tree.map(lambda v: v[None], d_ms)
+      else:
+        (heads, spectral, d_opt, count), d_ms = jax.lax.scan(
+            d_update, carry, jax.random.split(k_disc, s.disc_updates))
       extra = {**extra, "disc": heads, "disc_opt": d_opt, "disc_step": count}
       if spectral:
         extra["spectral"] = spectral
