@@ -24,3 +24,18 @@ def rel_err(a, b):
 def ref_dir():
   """Golden vectors copied from ../shared/reference into tests/fixtures/reference."""
   return FIXTURES / "reference"
+
+
+def seeded_state_dict(shapes):
+  """The reference README's numpy-only weight rule for LPIPS / DINO disc / FID Inception keys."""
+  import zlib
+  out = {}
+  for key, shape in shapes.items():
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    if key.endswith("running_var"):
+      out[key] = rng.uniform(0.5, 1.5, size=tuple(shape)).astype(np.float32)
+    elif key.endswith("running_mean"):
+      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.1).astype(np.float32)
+    else:
+      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.05).astype(np.float32)
+  return out

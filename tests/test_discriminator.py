@@ -1,6 +1,5 @@
 """DINO discriminator parity (official disc/dinodisc.py, seeded weights) and spectral-norm semantics."""
 import json
-import zlib
 
 import flax.serialization
 import jax
@@ -8,25 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, seeded_state_dict
 from rae_jax.interop.common import StateDictError
 from rae_jax.interop.dino_weights import (disc_heads_to_torch, disc_variables_from_torch,
                                           dino_vit_params_from_torch)
 from rae_jax.losses.discriminator import DinoDiscriminator, classify_pair, trainable_mask
 from rae_jax.losses.spectral_norm import SpectralConv1d
-
-
-def seeded_state_dict(shapes):
-  out = {}
-  for key, shape in shapes.items():
-    rng = np.random.default_rng(zlib.crc32(key.encode()))
-    if key.endswith("running_var"):
-      out[key] = rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-    elif key.endswith("running_mean"):
-      out[key] = (rng.standard_normal(size=shape) * 0.1).astype(np.float32)
-    else:
-      out[key] = (rng.standard_normal(size=shape) * 0.05).astype(np.float32)
-  return out
 
 
 @pytest.fixture(scope="module")

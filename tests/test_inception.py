@@ -1,42 +1,30 @@
 """FID Inception-v3: pytorch-fid parity on seeded weights, resize, importer, random fallback."""
 import json
-import zlib
 
 import jax
 import numpy as np
 import pytest
-from conftest import rel_err
 
 from rae_jax.eval import inception
 from rae_jax.interop import inception_weights as iw
 from rae_jax.interop.common import StateDictError, flatten
-
-
-def _seeded(key, shape):
-  """The reference README's numpy-only weight rule."""
-  rng = np.random.default_rng(zlib.crc32(key.encode()))
-  if key.endswith("running_var"):
-    return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-  if key.endswith("running_mean"):
-    return (rng.standard_normal(size=shape) * 0.1).astype(np.float32)
-  return (rng.standard_normal(size=shape) * 0.05).astype(np.float32)
+from conftest import FIXTURES, rel_err, seeded_state_dict
 
 
 @pytest.fixture(scope="module")
-def seeded_state_dict():
-  from conftest import FIXTURES
+def seeded_weights():
   shapes = json.loads((FIXTURES / "reference" / "fid_inception.state_dict.json").read_text())
-  return {k: _seeded(k, tuple(s)) for k, s in shapes.items()}
+  return seeded_state_dict(shapes)
 
 
 @pytest.fixture(scope="module")
-def seeded_params(seeded_state_dict):
-  return iw.import_fid_inception(seeded_state_dict, source="seeded")
+def seeded_params(seeded_weights):
+  return iw.import_fid_inception(seeded_weights, source="seeded")
 
 
-def test_expected_keys_equal_reference_state_dict(seeded_state_dict):
+def test_expected_keys_equal_reference_state_dict(seeded_weights):
   expected = iw.expected_torch_shapes()
-  assert expected == {k: v.shape for k, v in seeded_state_dict.items()}
+  assert expected == {k: v.shape for k, v in seeded_weights.items()}
 
 
 def test_pool3_matches_pytorch_fid(seeded_params, ref_dir):
@@ -88,9 +76,9 @@ def test_bilinear_resize_matches_torch(src, dst):
   assert rel_err(got, want.numpy().transpose(0, 2, 3, 1)) <= 1e-6
 
 
-def test_bn_folding_matches_conv_then_bn(seeded_state_dict, seeded_params):
+def test_bn_folding_matches_conv_then_bn(seeded_weights, seeded_params):
   """One 1x1 conv checked by hand: conv, BN(eps=1e-3) == folded kernel and bias."""
-  sd = seeded_state_dict
+  sd = seeded_weights
   x = np.random.default_rng(2).normal(size=(5, 64)).astype(np.float64)
   w = sd["Conv2d_3b_1x1.conv.weight"][:, :, 0, 0].astype(np.float64)  # (80, 64)
   g, b, m, v = (sd[f"Conv2d_3b_1x1.bn.{f}"].astype(np.float64)
@@ -101,22 +89,22 @@ def test_bn_folding_matches_conv_then_bn(seeded_state_dict, seeded_params):
   assert rel_err(got, want) <= 1e-6
 
 
-def test_importer_names_missing_and_misshapen_keys(seeded_state_dict):
-  sd = dict(seeded_state_dict)
+def test_importer_names_missing_and_misshapen_keys(seeded_weights):
+  sd = dict(seeded_weights)
   sd["Mixed_6a.branch3x3.bn.num_batches_tracked"] = np.array(0)  # ignored, as torch would
   del sd["Mixed_7c.branch_pool.bn.running_var"]
   with pytest.raises(StateDictError, match="Mixed_7c.branch_pool.bn.running_var"):
     iw.import_fid_inception(sd, source="x.pth")
-  sd = dict(seeded_state_dict)
+  sd = dict(seeded_weights)
   sd["fc.weight"] = sd["fc.weight"][:1000]
   with pytest.raises(StateDictError, match=r"fc.weight.*\(1000, 2048\)"):
     iw.import_fid_inception(sd, source="x.pth")
 
 
-def test_read_pth_roundtrip(seeded_state_dict, seeded_params, tmp_path):
+def test_read_pth_roundtrip(seeded_weights, seeded_params, tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "pt_inception-2015-12-05-test.pth"
-  torch.save({k: torch.from_numpy(v) for k, v in seeded_state_dict.items()}, path)
+  torch.save({k: torch.from_numpy(v) for k, v in seeded_weights.items()}, path)
   params = iw.load_fid_inception(str(path))
   a, b = flatten(params), flatten(seeded_params)
   assert a.keys() == b.keys()

@@ -1,31 +1,17 @@
 """LPIPS parity with the official disc/lpips.py (seeded weights, README "seeded rule") and importers."""
 import json
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, seeded_state_dict
 from rae_jax.interop.common import StateDictError
 from rae_jax.interop.lpips_weights import lpips_params_from_state_dict, lpips_params_from_torch
 from rae_jax.losses.lpips import LPIPS
 
 SLICE_STARTS = (0, 4, 9, 16, 23)
-
-
-def seeded_state_dict(shapes):
-  out = {}
-  for key, shape in shapes.items():
-    rng = np.random.default_rng(zlib.crc32(key.encode()))
-    if key.endswith("running_var"):
-      out[key] = rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-    elif key.endswith("running_mean"):
-      out[key] = (rng.standard_normal(size=shape) * 0.1).astype(np.float32)
-    else:
-      out[key] = (rng.standard_normal(size=shape) * 0.05).astype(np.float32)
-  return out
 
 
 @pytest.fixture(scope="module")
