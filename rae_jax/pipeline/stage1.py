@@ -36,7 +36,7 @@ from rae_jax import data as data_lib
 from rae_jax.config_checks import ConfigError
 from rae_jax.losses import gan as gan_lib
 from rae_jax.losses.diffaug import diffaug
-from rae_jax.losses.discriminator import DinoDiscriminator, classify_pair
+from rae_jax.losses.discriminator import DinoDiscriminator, DiscHead, classify_pair
 from rae_jax.losses.lpips import LPIPS
 from rae_jax.losses.spectral_norm import SPECTRAL
 from rae_jax.pipeline import builders, common, images
@@ -209,10 +209,18 @@ def frozen_dino_params(disc: DinoDiscriminator, d_cfg: mlc.ConfigDict, key: jax.
 
 
 def init_disc_heads(disc: DinoDiscriminator, key: jax.Array) -> tuple[dict, dict]:
-  """(head params, spectral u/v) of a fresh discriminator (traceable; the ViT part is dropped)."""
-  v = disc.init(key, _dummy_image())
-  heads = {k: p for k, p in v["params"].items() if k != "dino"}
-  return heads, dict(v.get(SPECTRAL, {}))
+  """(head params, spectral u/v) of fresh heads, as `disc_variables_from_torch` draws them (one key
+  per head); traceable, and without running the ViT."""
+  cfg = disc.vit_config()
+  head = DiscHead(disc.ks, disc.norm_type, disc.norm_eps, disc.use_spectral_norm)
+  tokens = jnp.zeros((1, 8, cfg["embed_dim"]), jnp.float32)
+  heads, spectral = {}, {}
+  for i, k in enumerate(jax.random.split(key, len(cfg["key_depths"]) + 1)):
+    v = head.init(k, tokens)
+    heads[f"head_{i}"] = v["params"]
+    if SPECTRAL in v:
+      spectral[f"head_{i}"] = v[SPECTRAL]
+  return heads, spectral
 
 
 def _disc_variables(dino, heads, spectral) -> dict:
