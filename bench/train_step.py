@@ -230,7 +230,7 @@ def bench_encoder(args):
   from rae_jax.models.vit_encoders import build_encoder  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
   dtype = jnp.dtype(args.dtype)
-  encoder = build_encoder('dinov2_reg', dtype=dtype)  # DINOv2-B/14 with registers, 224 input
+  encoder = build_encoder('dinov2_reg', patch_size=14, image_size=518, dtype=dtype)  # DINOv2-B/14
   enc_params = jax.jit(encoder.init)(jax.random.PRNGKey(2),
                                      jnp.zeros((1, 224, 224, 3)))['params']
 
