@@ -223,6 +223,17 @@ def init_disc_heads(disc: DinoDiscriminator, key: jax.Array) -> tuple[dict, dict
   return heads, spectral
 
 
+def disc_extra_init(disc: DinoDiscriminator, disc_tx: optax.GradientTransformation):
+  """key -> the discriminator part of TrainState.extra (heads, spectral u/v, D optimizer, D clock)."""
+  def init(key):
+    heads, spectral = init_disc_heads(disc, key)
+    extra = {"disc": heads, "disc_opt": disc_tx.init(heads), "disc_step": jnp.zeros((), jnp.int32)}
+    if spectral:
+      extra["spectral"] = spectral
+    return extra
+  return init
+
+
 def _disc_variables(dino, heads, spectral) -> dict:
   variables = {"params": {"dino": dino, **heads}}
   if spectral:
@@ -443,22 +454,15 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
   frozen = {"encoder": rae_vars["encoder"]}
   if lpips_params is not None:
     frozen["lpips"] = lpips_params
-  disc = disc_sched = init_extra = None
+  disc = disc_sched = None
   if settings.gan_on:
     disc = build_discriminator(s1.disc)
     frozen["dino"] = frozen_dino_params(disc, s1.disc, jax.random.fold_in(init_key, 2))
     disc_sched = common.optimizer(s1.disc.optim, len(source), gb)
 
-    def init_extra(key):
-      heads, spectral = init_disc_heads(disc, key)
-      extra = {"disc": heads, "disc_opt": disc_sched.tx.init(heads),
-               "disc_step": jnp.zeros((), jnp.int32)}
-      if spectral:
-        extra["spectral"] = spectral
-      return extra
-
-  state, shardings = init_train_state(init_params, sched.tx, init_key, train_key, mesh,
-                                      init_extra=init_extra)
+  state, shardings = init_train_state(
+      init_params, sched.tx, init_key, train_key, mesh,
+      init_extra=disc_extra_init(disc, disc_sched.tx) if disc is not None else None)
   builders.log_params("stage-1 decoder", state.params)
   if settings.gan_on:
     builders.log_params("discriminator heads", state.extra["disc"])
