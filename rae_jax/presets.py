@@ -128,6 +128,9 @@ def base_config() -> mlc.ConfigDict:
           enabled=False,
           dino_ckpt_path="",  # official dino_vit_small_patch8_224.pth
           recipe="S_8", ks=9, norm_type="bn", using_spec_norm=True,
+          key_depths=(2, 5, 8, 11), norm_eps=1e-6,
+          recipe_overrides=mlc.FieldReference(None, field_type=dict),  # e.g. a tiny DINO
+          random_init=False,  # tests only: random DINO instead of dino_ckpt_path
           aug_prob=1.0, cutout=0.0,
           optim=optim(lr=2e-4, final_lr=2e-5, schedule="cosine", warmup_epochs=1,
                       decay_end_epoch=16, epochs=16, warmup_from_zero=True),
