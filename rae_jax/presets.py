@@ -44,6 +44,17 @@ def ditdh_s(**kw) -> mlc.ConfigDict:
   return ditdh((384, 2048), (12, 2), (6, 16), **kw)
 
 
+def lightning_dit(hidden=1152, depth=28, heads=16, *, input_size=16, in_channels=768,
+                  num_classes=1000) -> mlc.ConfigDict:
+  """Official LightningDiT (the plain-DiT baseline) constructor arguments."""
+  return mlc.ConfigDict(dict(
+      name="LightningDiT", input_size=input_size, patch_size=1, in_channels=in_channels,
+      hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1,
+      num_classes=num_classes, learn_sigma=False, use_qknorm=False, use_swiglu=True,
+      use_rope=True, use_rmsnorm=True, wo_shift=False, use_gembed=True, remat=False,
+      scan_layers=False))
+
+
 def dinov2_b_encoder(input_size: int = 224) -> mlc.ConfigDict:
   """Frozen DINOv2-B with registers, final LN without affine (official `Dinov2withNorm`)."""
   return mlc.ConfigDict(dict(

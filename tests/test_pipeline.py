@@ -81,3 +81,18 @@ def test_latent_cache_then_stage2_from_cache_then_sample(tmp_path):
 def test_sample_without_weights_names_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match="stage2"):
     modes.run("sample", tiny_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize("preset", ["ditdh", "lightning"])
+def test_stage2_models_build_from_presets(preset):
+  from rae_jax import presets
+  cfg = (presets.ditdh((32, 48), (1, 1), (2, 2), input_size=4, in_channels=16, num_classes=10)
+         if preset == "ditdh" else
+         presets.lightning_dit(32, 2, 2, input_size=4, in_channels=16, num_classes=10))
+  model = builders.build_stage2_model(cfg)
+  shapes = jax.eval_shape(lambda k: builders.init_stage2_params(model, (4, 4, 16), k),
+                          jax.random.PRNGKey(0))
+  out = jax.eval_shape(lambda p: model.apply({"params": p}, jax.numpy.zeros((2, 4, 4, 16)),
+                                              jax.numpy.zeros((2,)),
+                                              jax.numpy.zeros((2,), jax.numpy.int32)), shapes)
+  assert out.shape == (2, 4, 4, 16)

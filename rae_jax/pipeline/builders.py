@@ -95,10 +95,7 @@ def build_stage2_model(model_cfg: mlc.ConfigDict, dtype=jnp.float32):
   if model_cfg.name not in _MODEL_CLASSES:
     raise ValueError(f"config.model.name={model_cfg.name!r}; valid: {sorted(_MODEL_CLASSES)}")
   cls = _MODEL_CLASSES[model_cfg.name]
-  kw = model_kwargs(model_cfg)
-  if cls is LightningDiT:
-    kw.pop("use_pos_embed", None)
-  return cls(dtype=dtype, **kw)
+  return cls(dtype=dtype, **model_kwargs(model_cfg))
 
 
 def init_stage2_params(model, latent_shape: tuple, rng: jax.Array) -> Any:
