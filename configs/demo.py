@@ -40,8 +40,8 @@ def get_config():
   c.stage1.optim.lr = 1e-3
   c.stage1.optim.final_lr = 1e-4
   c.stage1.optim.warmup_epochs = 0.5
-  c.stage1.optim.decay_end_epoch = 48  # 2000 // 64 = 31 steps/epoch: cosine over the run
-  c.stage1.optim.num_steps = 1500
+  c.stage1.optim.decay_end_epoch = 32  # 2000 // 64 = 31 steps/epoch: cosine over the run
+  c.stage1.optim.num_steps = 1000
   c.stage1.loss.perceptual_weight = 0.0  # LPIPS needs VGG weights; off in the demo
   c.stage1.disc.enabled = False
 
@@ -54,8 +54,8 @@ def get_config():
   c.stage2.optim.lr = 5e-4
   c.stage2.optim.final_lr = 1e-4
   c.stage2.optim.warmup_epochs = 1
-  c.stage2.optim.decay_end_epoch = 80
-  c.stage2.optim.num_steps = 2500
+  c.stage2.optim.decay_end_epoch = 58
+  c.stage2.optim.num_steps = 1800
 
   c.guidance.method = "cfg"
   c.guidance.scale = 2.0

@@ -1,4 +1,5 @@
 """Pipeline modes on a tiny config: exact latent stats, the latent cache, stage 2 from it, sampling."""
+import json
 import os
 
 import jax
@@ -66,8 +67,16 @@ def test_latent_cache_then_stage2_from_cache_then_sample(tmp_path):
   assert sorted(os.listdir(directory)) == before
 
   c.stage2.use_latent_cache = True
+  c.log.sample_every_steps = 3  # a sample grid and an online eval at the last step
+  c.eval.online_every_steps = 3
+  c.eval.online_num_samples = 4
+  c.eval.per_device_batch = 1
   state = modes.run("train_stage2", c, w)
   assert int(state.step) == 3
+  assert os.path.getsize(os.path.join(w, "stage2", "samples", "step_00000003.png")) > 0
+  with open(os.path.join(w, "eval", "online_metrics.jsonl")) as f:
+    online = [json.loads(line) for line in f]
+  assert [m["step"] for m in online] == [3] and np.isfinite(online[0]["inception_score"])
   leaves = jax.tree.leaves(state.params)
   assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 

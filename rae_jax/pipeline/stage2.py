@@ -107,12 +107,16 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   it = common.data_iterator(source, mesh, gb, config.seed, config=config)
   writer = common.writer(config, workdir, builders.STAGE2_DIR)
   hooks = []
+  if config.log.sample_every_steps > 0 or config.eval.online_every_steps > 0:
+    s_config, guide_model, guide_params = _guidance_during_training(config, workdir, mesh)
   if config.log.sample_every_steps > 0:
-    hooks.append(_sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer))
+    hooks.append(_sample_hook(s_config, workdir, model, rae, rae_vars, transport, mesh, writer,
+                              guide_model, guide_params))
   if config.eval.online_every_steps > 0:
     from rae_jax.pipeline import evaluate
-    hooks.append(evaluate.make_online_eval_hook(config, workdir, model=model, rae=rae,
-                                                rae_vars=rae_vars, mesh=mesh, writer=writer))
+    hooks.append(evaluate.make_online_eval_hook(
+        s_config, workdir, model=model, rae=rae, rae_vars=rae_vars, mesh=mesh, writer=writer,
+        guide_model=guide_model, guide_params=guide_params))
   ckpt = common.checkpointer(config, workdir, builders.STAGE2_DIR)
   try:
     state = loop_lib.train_loop(
@@ -127,9 +131,29 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   return state
 
 
-def _sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer):
+def _guidance_during_training(config: mlc.ConfigDict, workdir: str, mesh):
+  """Samples during training use the configured guidance; autoguidance needs the guide's
+  weights in <workdir>/guide, else those samples fall back to unguided (with a warning)."""
+  g = config.guidance
+  if g.method != "autoguidance" or float(g.scale) == 1.0:
+    return config, None, None
+  try:
+    guide_params, desc = weights.load_params(workdir, builders.GUIDE_DIR, mesh, "ema")
+  except FileNotFoundError:
+    logging.warning("Autoguidance configured but no guide weights in %s: training-time samples "
+                    "and online eval are unguided.", workdir)
+    unguided = config.copy_and_resolve_references()
+    unguided.guidance.scale = 1.0
+    return unguided, None, None
+  logging.info("Training-time samples use autoguidance with %s", desc)
+  guide = builders.build_stage2_model(g.guide_model, builders.compute_dtype(config))
+  return config, guide, guide_params
+
+
+def _sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer,
+                 guide_model=None, guide_params=None):
   """Every log.sample_every_steps: a class-per-row grid from the EMA params."""
-  gen = jax.jit(generate.make_generate(config, model, rae, transport))
+  gen = jax.jit(generate.make_generate(config, model, rae, transport, guide_model=guide_model))
   n = min(config.sample.num_images, 8 * config.data.num_classes)
   labels = generate.class_labels(n, config.data.num_classes)
   idx = np.arange(n)
@@ -139,7 +163,8 @@ def _sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer)
     del metrics
     if step % config.log.sample_every_steps:
       return
-    imgs = np.asarray(jax.device_get(gen(state.ema_params, None, rae_vars, labels, idx, key)))
+    imgs = np.asarray(jax.device_get(gen(state.ema_params, guide_params, rae_vars, labels, idx,
+                                         key)))
     writer.images(step, "stage2/samples", imgs)
     if common.is_main():
       grid = images.make_grid(images.to_uint8(imgs), config.sample.grid_cols)
