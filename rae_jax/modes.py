@@ -1,6 +1,7 @@
 """--mode dispatch for main.py. Every mode is re-runnable and resumes from the workdir."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import warnings
@@ -14,54 +15,13 @@ from rae_jax import config_checks
 from rae_jax.train import mesh as mesh_lib
 
 
-def _train_stage1(config, workdir):
-  from rae_jax.pipeline.stage1 import train_stage1
-  return train_stage1(config, workdir)
-
-
-def _stats(config, workdir):
-  from rae_jax.pipeline.latents import compute_stats
-  return compute_stats(config, workdir)
-
-
-def _cache_latents(config, workdir):
-  from rae_jax.pipeline.latents import cache_latents
-  return cache_latents(config, workdir)
-
-
-def _train_stage2(config, workdir):
-  from rae_jax.pipeline.stage2 import train_stage2
-  return train_stage2(config, workdir)
-
-
-def _sample(config, workdir):
-  from rae_jax.pipeline.sample import run_sample
-  return run_sample(config, workdir)
-
-
-def _eval(config, workdir):
-  from rae_jax.pipeline.evaluate import run_eval
-  return run_eval(config, workdir)
-
-
-def _eval_recon(config, workdir):
-  from rae_jax.pipeline.evaluate import run_eval_recon
-  return run_eval_recon(config, workdir)
-
-
-def _fid_stats(config, workdir):
-  from rae_jax.pipeline.evaluate import run_fid_stats
-  return run_fid_stats(config, workdir)
-
-
-def _import_torch(config, workdir):
-  from rae_jax.interop.release import import_release
-  return import_release(config, workdir)
-
-
-def _export_torch(config, workdir):
-  from rae_jax.interop.release import export_release
-  return export_release(config, workdir, config.export.which)
+def _lazy(module: str, function: str, *extra: Callable[[mlc.ConfigDict], object]) -> Callable:
+  """A mode that imports its module only when run (main.py --help stays fast)."""
+  def run_mode(config, workdir):
+    fn = getattr(importlib.import_module(module), function)
+    return fn(config, workdir, *(get(config) for get in extra))
+  run_mode.target = (module, function)
+  return run_mode
 
 
 def _all(config, workdir):
@@ -72,16 +32,16 @@ def _all(config, workdir):
 
 
 MODES: dict[str, Callable[[mlc.ConfigDict, str], object]] = {
-    "train_stage1": _train_stage1,
-    "stats": _stats,
-    "cache_latents": _cache_latents,
-    "train_stage2": _train_stage2,
-    "sample": _sample,
-    "eval": _eval,
-    "eval_recon": _eval_recon,
-    "fid_stats": _fid_stats,
-    "import_torch": _import_torch,
-    "export_torch": _export_torch,
+    "train_stage1": _lazy("rae_jax.pipeline.stage1", "train_stage1"),
+    "stats": _lazy("rae_jax.pipeline.latents", "compute_stats"),
+    "cache_latents": _lazy("rae_jax.pipeline.latents", "cache_latents"),
+    "train_stage2": _lazy("rae_jax.pipeline.stage2", "train_stage2"),
+    "sample": _lazy("rae_jax.pipeline.sample", "run_sample"),
+    "eval": _lazy("rae_jax.pipeline.evaluate", "run_eval"),
+    "eval_recon": _lazy("rae_jax.pipeline.evaluate", "run_eval_recon"),
+    "fid_stats": _lazy("rae_jax.pipeline.evaluate", "run_fid_stats"),
+    "import_torch": _lazy("rae_jax.interop.release", "import_release"),
+    "export_torch": _lazy("rae_jax.interop.release", "export_release", lambda c: c.export.which),
     "all": _all,
 }
 

@@ -105,3 +105,11 @@ def test_stage2_models_build_from_presets(preset):
                                               jax.numpy.zeros((2,)),
                                               jax.numpy.zeros((2,), jax.numpy.int32)), shapes)
   assert out.shape == (2, 4, 4, 16)
+
+
+def test_every_mode_resolves_to_a_function():
+  import importlib
+  for mode, run_mode in modes.MODES.items():
+    if mode != "all":
+      module, function = run_mode.target
+      assert callable(getattr(importlib.import_module(module), function)), mode
