@@ -1,4 +1,5 @@
 """The README's main command, end to end through the real CLI, at reduced step counts."""
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,17 @@ def test_demo_all_modes_fast_variant(tmp_path):
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], before)
+
+  # The demo's eval at small N: sharded generation, ADM samples.npz, scores clearly labelled as
+  # coming from random Inception weights (the real .pth is not available here).
+  proc = subprocess.run(cmd + ["--mode=eval", "--config.eval.num_samples=20",
+                               "--config.eval.shard_size=10", "--config.eval.per_device_batch=10"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with np.load(workdir / "eval" / "samples.npz") as f:
+    assert f["arr_0"].shape == (20, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(f["arr_1"], minlength=10), np.full(10, 2))
+  metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert metrics["random_inception"] is True and "RANDOM" in metrics["inception"]
+  assert np.isfinite(metrics["inception_score"])
+  assert "RANDOM INCEPTION WEIGHTS" in proc.stderr
