@@ -1,7 +1,8 @@
 """ViTDecoder params <-> official `GeneralDecoder.state_dict()` (the released decoder `model.pt`).
 
-Export includes the fixed `decoder_pos_embed` buffer so `load_state_dict(strict=True)` works; on
-import that buffer is shape-checked and otherwise ignored (we recompute the same sin-cos table).
+`decoder_pos_embed` is a parameter here (the official stage-1 trainer trains it, see
+models/decoder.py): export writes our values and import reads the file's; a file without it (it is
+a buffer-like entry some exports drop) gets the sin-cos table it was initialised to.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rae_jax.interop import vit_names as vn
-from rae_jax.interop.common import StateDictError, check_shape, flatten, unflatten
+from rae_jax.interop.common import StateDictError, flatten, unflatten
 from rae_jax.interop.hf_encoders import read_tensors
 from rae_jax.models.decoder import ViTDecoder
 
@@ -22,6 +23,7 @@ POS_KEY = "decoder_pos_embed"
 
 def decoder_table(module: ViTDecoder) -> list[vn.Entry]:
   t = vn.dense("decoder_embed", "decoder_embed")
+  t.append(("decoder_pos_embed", POS_KEY, "same"))
   t.append(("trainable_cls_token", "trainable_cls_token", "same"))
   for i in range(module.decoder_num_hidden_layers):
     t += vn.block(f"decoder_layers_{i}", f"decoder_layers.{i}", vn.MAE_BLOCK, module.qkv_bias)
@@ -42,16 +44,12 @@ def state_dict_shapes(module: ViTDecoder) -> dict[str, tuple]:
   shapes = param_shapes(module)
   table = decoder_table(module)
   vn.check_table(table, shapes, "decoder")
-  out = {POS_KEY: (1, module.num_patches + 1, module.decoder_hidden_size)}
-  out.update({t: vn.torch_shape(kind, shapes[o]) for o, t, kind in table})
-  return out
+  return {t: vn.torch_shape(kind, shapes[o]) for o, t, kind in table}
 
 
 def to_state_dict(module: ViTDecoder, params) -> dict[str, np.ndarray]:
   """Our params -> official state_dict (numpy, torch layout)."""
-  sd = {POS_KEY: module.pos_embed()}
-  sd.update(vn.export_tensors(decoder_table(module), flatten(jax.device_get(params))))
-  return sd
+  return vn.export_tensors(decoder_table(module), flatten(jax.device_get(params)))
 
 
 def from_state_dict(module: ViTDecoder, state_dict: Mapping, source: str = "decoder state_dict"):
@@ -59,12 +57,11 @@ def from_state_dict(module: ViTDecoder, state_dict: Mapping, source: str = "deco
   shapes = param_shapes(module)
   table = decoder_table(module)
   vn.check_table(table, shapes, "decoder")
-  unexpected = sorted(set(state_dict) - {t for _, t, _ in table} - {POS_KEY})
+  unexpected = sorted(set(state_dict) - {t for _, t, _ in table})
   if unexpected:
     raise StateDictError(f"{source}: unexpected keys ({len(unexpected)}): {unexpected[:20]}")
-  if POS_KEY in state_dict:
-    check_shape(POS_KEY, np.shape(state_dict[POS_KEY]),
-                (1, module.num_patches + 1, module.decoder_hidden_size), source)
+  if POS_KEY not in state_dict:
+    state_dict = {**state_dict, POS_KEY: module.pos_embed()}
   return unflatten(vn.import_tensors(table, state_dict, shapes, source))
 
 

@@ -1,7 +1,13 @@
 """ViT pixel decoder: the official RAE `GeneralDecoder` (an MAE decoder without mask tokens).
 
-latent tokens -> linear embed -> [trainable cls] + fixed 2-D sin-cos positions -> pre-LN blocks
+latent tokens -> linear embed -> [trainable cls] + 2-D sin-cos positions -> pre-LN blocks
 -> LN -> linear to p*p*3 pixels per token -> drop cls -> unpatchify. Channels-last throughout.
+
+`decoder_pos_embed` is a parameter initialised to the sin-cos table. The reference declares it
+`requires_grad=False`, but its stage-1 trainer calls `rae.decoder.requires_grad_(True)` and builds
+AdamW over `decoder.parameters()`, so the official decoders train it (it moves ~4e-3 in six steps of
+the reference trajectory) and released `model.pt` files carry trained values; import keeps them.
+`config.stage1.train_pos_embed=False` freezes it instead (see pipeline/stage1.py).
 """
 from __future__ import annotations
 
@@ -84,11 +90,14 @@ class ViTDecoder(nn.Module):
     return self.grid_size * self.patch_size
 
   def pos_embed(self) -> np.ndarray:
-    """The fixed (1, num_patches + 1, D) buffer the reference calls `decoder_pos_embed`."""
+    """The (1, num_patches + 1, D) sin-cos table `decoder_pos_embed` is initialised to."""
     return sincos_pos_embed_2d(self.decoder_hidden_size, self.grid_size)[None]
 
   def setup(self):
     self.decoder_embed = nn.Dense(self.decoder_hidden_size, dtype=self.dtype)
+    table = self.pos_embed()
+    self.decoder_pos_embed = self.param(
+        "decoder_pos_embed", lambda _, shape: jnp.asarray(table).reshape(shape), table.shape)
     self.trainable_cls_token = self.param(
         "trainable_cls_token", nn.initializers.zeros, (1, 1, self.decoder_hidden_size))
     block = nn.remat(ViTBlock) if self.remat else ViTBlock
@@ -126,7 +135,7 @@ class ViTDecoder(nn.Module):
     x = self._interpolate_latent(x[:, 1:] if drop_cls_token else x)
     cls = jnp.broadcast_to(self.trainable_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
-    pos = jnp.asarray(self.pos_embed())
+    pos = self.decoder_pos_embed
     if interpolate_pos_encoding:
       if not drop_cls_token:
         raise ValueError("interpolate_pos_encoding only works with drop_cls_token=True")
