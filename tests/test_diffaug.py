@@ -7,7 +7,14 @@ import pytest
 from rae_jax.losses.diffaug import apply_diffaug as _apply_diffaug
 from rae_jax.losses.diffaug import diffaug, diffaug_draws
 
-apply_diffaug = jax.jit(_apply_diffaug, static_argnums=(3, 4))
+_jitted = jax.jit(_apply_diffaug, static_argnums=(2, 3))
+
+
+def apply_diffaug(x, flags, r, prob, cutout):
+  """Policy flags -> the official `u` (on iff u <= |prob|), r (7, B) -> rand01 (7, B, 1, 1)."""
+  u = jnp.where(jnp.asarray(flags, bool), 0.0, 2.0)
+  r = jnp.asarray(r)
+  return _jitted(x, {"u": u, "rand01": r.reshape(r.shape + (1, 1))}, prob, cutout)
 
 
 def np_diffaug(x, flags, r, prob, cutout):
@@ -92,9 +99,23 @@ def test_deterministic_per_key_and_jittable():
   a = f(jax.random.key(5), x, prob=1.0, cutout=0.2)
   np.testing.assert_array_equal(a, f(jax.random.key(5), x, prob=1.0, cutout=0.2))
   assert not np.allclose(a, f(jax.random.key(6), x, prob=1.0, cutout=0.2))
-  flags, r = diffaug_draws(jax.random.key(5), 3, 1.0)
-  assert bool(flags.all()) and r.shape == (7, 3) and float(r.min()) >= 0 and float(r.max()) < 1
+  d = diffaug_draws(jax.random.key(5), 3)
+  r = d["rand01"]
+  assert d["u"].shape == (3,) and r.shape == (7, 3, 1, 1)
+  assert float(r.min()) >= 0 and float(r.max()) < 1
   # With prob 0.5 the three policies switch on independently, for the whole batch.
   keys = jax.random.split(jax.random.key(7), 200)
-  on = np.asarray(jax.vmap(lambda k: diffaug_draws(k, 3, 0.5)[0])(keys))
+  on = np.asarray(jax.vmap(lambda k: diffaug_draws(k, 3)["u"] <= 0.5)(keys))
   assert 0.35 < on.mean() < 0.65
+
+
+def test_recorded_official_draws_layout():
+  """u <= prob switches policies exactly as torch.rand(3) <= prob; wrong layouts are refused."""
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  r = jnp.zeros((7, 2, 1, 1))  # translation by -round(0.125 * 16) = -2 pixels
+  off = _apply_diffaug(x, {"u": jnp.array([0.6, 0.6, 0.6]), "rand01": r}, 0.5, 0.2)
+  np.testing.assert_array_equal(off, x)
+  on = _apply_diffaug(x, {"u": jnp.array([0.5, 0.6, 0.6]), "rand01": r}, 0.5, 0.2)
+  assert not np.allclose(on, x)
+  with pytest.raises(ValueError, match="rand01"):
+    _apply_diffaug(x, {"u": jnp.zeros(3), "rand01": r.reshape(7, 2)}, 1.0, 0.2)

@@ -1,8 +1,10 @@
 """DiffAug (official `disc/diffaug.py`, from StyleGAN-T): translation, colour and cutout.
 
 As the reference: each of the three policies is switched on for the whole batch with probability
-`prob`, and per-sample magnitudes come from 7 uniform draws per sample. Randomness comes from an
-explicit key, so a call is a pure function of (key, x). Images NHWC; the warm-up blur of the
+`prob`, and per-sample magnitudes come from 7 uniform draws per sample. The draws are explicit and
+in the reference's layout -- `u` (3,) from its `torch.rand(3)` and `rand01` (7, B, 1, 1) from its
+`torch.rand(7, B, 1, 1)` -- so `apply_diffaug(x, draws)` can replay recorded official draws, and
+`diffaug(key, x)` = apply_diffaug(x, diffaug_draws(key, B)). Images NHWC; the warm-up blur of the
 reference (unused by RAE's train loop) is not implemented.
 """
 from __future__ import annotations
@@ -13,11 +15,11 @@ import jax.numpy as jnp
 TRANSLATION_RATIO = 0.125
 
 
-def diffaug_draws(key: jax.Array, batch: int, prob: float):
-  """(flags (3,) bool for translation/colour/cutout, rand01 (7, B) uniform) as the reference draws."""
+def diffaug_draws(key: jax.Array, batch: int) -> dict:
+  """{'u': (3,), 'rand01': (7, B, 1, 1)} uniforms, the reference's two torch.rand calls."""
   k_flags, k_vals = jax.random.split(key)
-  flags = jax.random.uniform(k_flags, (3,)) <= abs(prob)
-  return flags, jax.random.uniform(k_vals, (7, batch))
+  return {"u": jax.random.uniform(k_flags, (3,)),
+          "rand01": jax.random.uniform(k_vals, (7, batch, 1, 1))}
 
 
 def _translate(x, r_h, r_w):
@@ -59,12 +61,22 @@ def _cutout_mask(shape, ratio, r_h, r_w):
   return jnp.where(hit, 0.0, 1.0)
 
 
-def apply_diffaug(x: jax.Array, flags: jax.Array, rand01: jax.Array, prob: float = 1.0,
-                  cutout: float = 0.0) -> jax.Array:
-  """The deterministic part, given the draws of `diffaug_draws` (exposed for tests)."""
+def apply_diffaug(x: jax.Array, draws: dict, prob: float = 1.0, cutout: float = 0.0) -> jax.Array:
+  """The augmentation as a pure function of the draws (`diffaug_draws` layout).
+
+  Policy i (translation, colour, cutout) is on when u[i] <= |prob|, as the reference's
+  `torch.rand(3) <= self.prob`.
+  """
   x = x.astype(jnp.float32)
   if abs(prob) < 1e-6:
     return x
+  b = x.shape[0]
+  u, rand01 = draws["u"], draws["rand01"]
+  if u.shape != (3,) or rand01.shape != (7, b, 1, 1):
+    raise ValueError(f"DiffAug draws: expected u (3,) and rand01 (7, {b}, 1, 1), got "
+                     f"{u.shape} and {rand01.shape}")
+  flags = u <= abs(prob)
+  rand01 = rand01.reshape(7, b)
   x = jnp.where(flags[0], _translate(x, rand01[0], rand01[1]), x)
   x = jnp.where(flags[1], _colour(x, rand01[2], rand01[3], rand01[4]), x)
   if prob > 0:  # the reference disables cutout for negative prob
@@ -77,5 +89,4 @@ def diffaug(key: jax.Array, x: jax.Array, prob: float = 1.0, cutout: float = 0.0
   """Augment NHWC images x (any range; RAE uses [-1, 1]) with fresh draws from `key`."""
   if abs(prob) < 1e-6:
     return x.astype(jnp.float32)
-  flags, rand01 = diffaug_draws(key, x.shape[0], prob)
-  return apply_diffaug(x, flags, rand01, prob, cutout)
+  return apply_diffaug(x, diffaug_draws(key, x.shape[0]), prob, cutout)
