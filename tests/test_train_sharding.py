@@ -124,7 +124,7 @@ def test_same_step_on_every_mesh_shape():
     batch = mesh_lib.global_batch(mesh, batch_np, tw.GLOBAL_BATCH)
     step = step_lib.make_train_step(loss_fn, tx, 0.9, shardings, bsh, lr_schedule=schedule)
     compiled = step.lower(state, batch).compile(compiler_options=FAST_COMPILE)
-    new, metrics = compiled(state, batch)
+    new, metrics = compiled(state, batch, None, None)  # (state, batch, frozen, draws)
     if shape is not None and shape[1] > 1:
       # A big parameter, its Adam moment and its EMA really are split over 'fsdp'.
       leaves = jax.tree_util.tree_leaves_with_path(new.params)

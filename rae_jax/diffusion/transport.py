@@ -254,16 +254,35 @@ class Transport:
     t = sample_base_time(key, (batch_size,), self.time_dist_type, t0, t1)
     return time_shift(t, self.time_dist_shift)
 
-  def training_loss(self, params, apply_fn: Callable[..., jax.Array], x_data: jax.Array, key,
-                    **model_kwargs) -> jax.Array:
-    """Per-example loss (B,): `apply_fn(params, x_t, t, **model_kwargs)` is the model output.
+  def draw(self, key, x_shape, dtype=jnp.float32) -> dict:
+    """The random inputs of one training loss: {'t': (B,) shifted times, 'noise': x_shape}.
 
-    Noise is drawn for the global batch shape from one key, so with a sharded x_data the result
-    does not depend on the device layout.
+    Drawn for the global batch shape from one key, so a sharded batch gives the same values on
+    any device layout. Official draws (t as used, noise x0) can be passed in instead.
     """
     key_t, key_n = jax.random.split(key)
-    t = self.sample_time(key_t, x_data.shape[0])
-    x_noise = jax.random.normal(key_n, x_data.shape, x_data.dtype)
+    return {"t": self.sample_time(key_t, x_shape[0]),
+            "noise": jax.random.normal(key_n, x_shape, dtype)}
+
+  def training_loss(self, params, apply_fn: Callable[..., jax.Array], x_data: jax.Array, key,
+                    **model_kwargs) -> jax.Array:
+    """Per-example loss (B,) with draws from `key` (see `draw`)."""
+    return self.training_loss_from_draws(params, apply_fn, x_data,
+                                         self.draw(key, x_data.shape, x_data.dtype),
+                                         **model_kwargs)
+
+  def training_loss_from_draws(self, params, apply_fn: Callable[..., jax.Array],
+                               x_data: jax.Array, draws: dict, **model_kwargs) -> jax.Array:
+    """Per-example loss (B,): `apply_fn(params, x_t, t, **model_kwargs)` is the model output.
+
+    The reference's training_losses with its `sample` replaced by `draws`: x_t = alpha_t x_data +
+    sigma_t noise at the drawn (already shifted) time t.
+    """
+    t = jnp.asarray(draws["t"], jnp.float32)
+    x_noise = jnp.asarray(draws["noise"], x_data.dtype)
+    if t.shape != x_data.shape[:1] or x_noise.shape != x_data.shape:
+      raise ValueError(f"transport draws: t {t.shape} / noise {x_noise.shape} do not match the "
+                       f"batch {x_data.shape}")
     te = expand_t(t, x_data)
     path = self.path
     x_t, u_t = path.plan(te, x_noise, x_data)

@@ -93,7 +93,7 @@ class DiTDH(nn.Module):
                 rope_grid=grid if self.use_rope else 0, xavier=False, dtype=self.dtype)
 
   @nn.compact
-  def __call__(self, x, t, y, *, train: bool = False):
+  def __call__(self, x, t, y, *, train: bool = False, force_drop_ids=None):
     b, h, w, c = x.shape
     if (h, w) != (self.input_size, self.input_size) or c != self.in_channels:
       raise ValueError(f"DiTDH expects latents (B, {self.input_size}, {self.input_size}, "
@@ -107,7 +107,7 @@ class DiTDH(nn.Module):
 
     t_emb = layers.GaussianFourierEmbedder(enc_w, dtype=self.dtype, name="t_embedder")(t)
     y_emb = layers.LabelEmbedder(self.num_classes, enc_w, self.class_dropout_prob,
-                                 dtype=self.dtype, name="y_embedder")(y, train)
+                                 dtype=self.dtype, name="y_embedder")(y, train, force_drop_ids)
     cond = nn.silu(t_emb + y_emb)
 
     # Encoder: s tokens conditioned on (t, y).

@@ -279,9 +279,10 @@ class GaussianFourierEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
   """Class embedding with a null class (index num_classes) when dropout_prob > 0.
 
-  As in the reference, the table has num_classes + 1 rows only if dropout_prob > 0. At train time
-  labels are replaced by the null class with probability dropout_prob, using the explicit
-  'label_dropout' PRNG stream.
+  As in the reference, the table has num_classes + 1 rows only if dropout_prob > 0. Labels are
+  replaced by the null class where `force_drop_ids` is true (the reference's token_drop with
+  force_drop_ids: training passes the mask from `draw_label_drop`, so the draw is explicit); without
+  a mask, train=True draws one from the 'label_dropout' PRNG stream.
   """
   num_classes: int
   hidden_size: int
@@ -289,14 +290,24 @@ class LabelEmbedder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, labels, train: bool = False):
+  def __call__(self, labels, train: bool = False, force_drop_ids=None):
     rows = self.num_classes + int(self.dropout_prob > 0)
     table = nn.Embed(rows, self.hidden_size, dtype=self.dtype,
                      embedding_init=nn.initializers.normal(0.02), name="embedding_table")
-    if train and self.dropout_prob > 0:
-      drop = jax.random.uniform(self.make_rng("label_dropout"), labels.shape) < self.dropout_prob
-      labels = jnp.where(drop, self.num_classes, labels)
+    if force_drop_ids is None and train and self.dropout_prob > 0:
+      force_drop_ids = draw_label_drop(self.make_rng("label_dropout"), labels.shape,
+                                       self.dropout_prob)
+    if force_drop_ids is not None:
+      if self.dropout_prob <= 0:
+        raise ValueError("label dropout mask given, but the model has no null class "
+                         "(class_dropout_prob=0)")
+      labels = jnp.where(jnp.asarray(force_drop_ids, bool), self.num_classes, labels)
     return table(labels)
+
+
+def draw_label_drop(key, shape, prob: float) -> jax.Array:
+  """Bool mask, true = label replaced by the null class (the reference's rand(B) < prob)."""
+  return jax.random.uniform(key, shape) < prob
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class LightningDiT(nn.Module):
     return self.input_size // self.patch_size
 
   @nn.compact
-  def __call__(self, x, t, y, *, train: bool = False):
+  def __call__(self, x, t, y, *, train: bool = False, force_drop_ids=None):
     b, h, w, c = x.shape
     if (h, w) != (self.input_size, self.input_size) or c != self.in_channels:
       raise ValueError(f"LightningDiT expects latents (B, {self.input_size}, {self.input_size}, "
@@ -61,7 +61,7 @@ class LightningDiT(nn.Module):
     t_emb = layers.GaussianFourierEmbedder(d, xavier=True, dtype=self.dtype,
                                            name="t_embedder")(t)
     y_emb = layers.LabelEmbedder(self.num_classes, d, self.class_dropout_prob, dtype=self.dtype,
-                                 name="y_embedder")(y, train)
+                                 name="y_embedder")(y, train, force_drop_ids)
     cond = t_emb + y_emb
 
     z = layers.block_stack(

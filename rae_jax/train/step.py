@@ -4,6 +4,11 @@ One call is one optimizer update. Gradient accumulation runs as a lax.scan over 
 inside the step, so the update count, the schedule and the checkpoints do not depend on it.
 The step's key is fold_in(state.rng, state.step) and random numbers are drawn for the global
 batch (threefry is partitionable), so results do not depend on the number of devices.
+
+Draws are explicit: `draw_fn(key, batch)` makes every random input of the loss, and the loss is a
+pure function of (params, batch, draws[, frozen]). The same jitted step accepts recorded draws
+instead (`step(state, batch, frozen, draws=...)`), which is how the official training trajectories
+are replayed in tests: there is no second, test-only step.
 """
 from __future__ import annotations
 
@@ -17,8 +22,34 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rae_jax.train.ema import ema_update
 from rae_jax.train.state import TrainState
 
-# loss_fn(params, batch, key[, frozen]) -> (per-example loss (B,), aux dict of arrays)
+# loss_fn(params, batch, draws[, frozen]) -> (per-example loss (B,), aux dict of arrays)
 LossFn = Callable[..., tuple[jax.Array, dict]]
+# draw_fn(key, batch) -> draws (any pytree); the default passes the key itself as the draws
+DrawFn = Callable[[jax.Array, Any], Any]
+
+
+def _key_as_draws(key: jax.Array, batch: Any) -> jax.Array:
+  del batch
+  return key
+
+
+class TrainStep:
+  """step(state, batch, frozen=None, draws=None) -> (state, metrics); `.lower` for inspection."""
+
+  def __init__(self, jitted, with_frozen: bool):
+    self.jitted = jitted
+    self._with_frozen = with_frozen
+
+  def _args(self, state, batch, frozen, draws):
+    if self._with_frozen and frozen is None:
+      raise ValueError("this train step needs its `frozen` argument")
+    return state, batch, frozen if self._with_frozen else None, draws
+
+  def __call__(self, state, batch, frozen=None, draws=None):
+    return self.jitted(*self._args(state, batch, frozen, draws))
+
+  def lower(self, state, batch, frozen=None, draws=None):
+    return self.jitted.lower(*self._args(state, batch, frozen, draws))
 
 
 def _mean_aux(aux: dict) -> dict:
@@ -47,50 +78,62 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     ema_decay: float, state_shardings: TrainState,
                     batch_sharding: NamedSharding, accum_steps: int = 1, *,
                     lr_schedule: Optional[optax.Schedule] = None,
-                    frozen_shardings: Any = None, donate: bool = True):
-  """Returns step(state, batch[, frozen]) -> (state, metrics), jitted with explicit shardings.
+                    frozen_shardings: Any = None, draw_fn: Optional[DrawFn] = None,
+                    donate: bool = True) -> TrainStep:
+  """Returns step(state, batch[, frozen][, draws]) -> (state, metrics), jitted with shardings.
 
   `frozen` (optional) is a pytree of non-trained arrays (e.g. the RAE encoder params) passed
   to loss_fn as a 4th argument; it is an argument rather than a closure so it is not baked into
-  the executable as constants. Metrics: loss, grad_norm (before clipping), lr (if
-  lr_schedule is given, the rate used by this update) and the batch-mean of each aux entry.
+  the executable as constants. `draws` (optional, replicated) replaces draw_fn's output; with
+  gradient accumulation its leaves must be batch-leading (they are split like the batch).
+  Metrics: loss, grad_norm (before clipping), lr (if lr_schedule is given, the rate used by this
+  update) and the batch-mean of each aux entry.
   """
   if accum_steps < 1:
     raise ValueError(f'accum_steps must be >= 1, got {accum_steps}.')
   mesh = batch_sharding.mesh
   with_frozen = frozen_shardings is not None
+  draw = draw_fn or _key_as_draws
 
-  def mean_loss(params, batch, key, frozen):
-    args = (params, batch, key) + ((frozen,) if with_frozen else ())
+  def mean_loss(params, batch, draws, frozen):
+    args = (params, batch, draws) + ((frozen,) if with_frozen else ())
     per_example, aux = loss_fn(*args)
     loss = jnp.mean(per_example.astype(jnp.float32))
     return loss, _mean_aux(aux)
 
   grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
 
-  def step(state: TrainState, batch: Any, frozen: Any = None):
+  def step(state: TrainState, batch: Any, frozen: Any, draws: Any):
     key = jax.random.fold_in(state.rng, state.step)
     if accum_steps == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, key, frozen)
+      if draws is None:
+        draws = draw(key, batch)
+      (loss, aux), grads = grad_fn(state.params, batch, draws, frozen)
     else:
       micro = _split_micro(batch, accum_steps, batch_sharding)
+      given = None if draws is None else _split_micro(draws, accum_steps, batch_sharding)
+
+      def micro_draws(j, mb, given_j):
+        return draw(jax.random.fold_in(key, j), mb) if given_j is None else given_j
       constrain = lambda g: jax.lax.with_sharding_constraint(g, state_shardings.params)  # noqa: E731
       zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
+      first = lambda t: None if t is None else jax.tree.map(lambda x: x[0], t)  # noqa: E731
       aux_shape = jax.eval_shape(
-          lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), key, frozen))
+          lambda: grad_fn(state.params, first(micro),
+                          micro_draws(0, first(micro), first(given)), frozen))
       aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape[0][1])
 
       def body(carry, xs):
         g_acc, l_acc, a_acc = carry
-        j, mb = xs
-        (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(key, j), frozen)
+        j, mb, given_j = xs
+        (l, a), g = grad_fn(state.params, mb, micro_draws(j, mb, given_j), frozen)
         g_acc = jax.tree.map(jnp.add, g_acc, constrain(g))
         a_acc = jax.tree.map(jnp.add, a_acc, a)
         return (g_acc, l_acc + l, a_acc), None
 
       (grads, loss, aux), _ = jax.lax.scan(
           body, (zeros, jnp.zeros((), jnp.float32), aux_zeros),
-          (jnp.arange(accum_steps), micro))
+          (jnp.arange(accum_steps), micro, given))
       inv = 1.0 / accum_steps
       grads = jax.tree.map(lambda g: g * inv, grads)
       loss = loss * inv
@@ -108,11 +151,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  in_shardings = (state_shardings, batch_sharding)
-  if with_frozen:
-    in_shardings += (frozen_shardings,)
-    fn = step
-  else:
-    fn = lambda state, batch: step(state, batch)  # noqa: E731
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,) if donate else ())
+  in_shardings = (state_shardings, batch_sharding,
+                  frozen_shardings if with_frozen else replicated, replicated)
+  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated),
+                   donate_argnums=(0,) if donate else ())
+  return TrainStep(jitted, with_frozen)
