@@ -81,13 +81,14 @@ def vit_decoder(name: str = "XL", *, patch_size: int = 16) -> mlc.ConfigDict:
 
 
 def optim(*, lr, final_lr, schedule, warmup_epochs, decay_end_epoch, epochs, warmup_from_zero,
-          betas=(0.9, 0.95), weight_decay=0.0, clip_grad=0.0) -> mlc.ConfigDict:
+          betas=(0.9, 0.95), weight_decay=0.0, clip_grad=0.0, eps=1e-8) -> mlc.ConfigDict:
+  """AdamW + the official LambdaLR schedule (utils/optim_utils.py: build_optimizer/_scheduler)."""
   return mlc.ConfigDict(dict(
       lr=float(lr), final_lr=float(final_lr), schedule=schedule,
       warmup_epochs=float(warmup_epochs), decay_end_epoch=float(decay_end_epoch),
       epochs=float(epochs), warmup_from_zero=warmup_from_zero,
       betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay),
-      clip_grad=float(clip_grad),
+      eps=float(eps), clip_grad=float(clip_grad),
       # Set to a positive number to override `epochs` (demo, smoke tests).
       num_steps=-1,
   ))

@@ -56,6 +56,7 @@ def optimizer(optim_cfg: mlc.ConfigDict, dataset_size: int, global_batch: int) -
       optim_cfg.lr, optim_cfg.final_lr, optim_cfg.warmup_epochs, optim_cfg.decay_end_epoch, spe,
       optim_cfg.schedule, warmup_from_zero=optim_cfg.warmup_from_zero)
   tx = optim_lib.make_optimizer(lr, b1=optim_cfg.betas[0], b2=optim_cfg.betas[1],
+                                eps=optim_cfg.get("eps", 1e-8),
                                 weight_decay=optim_cfg.weight_decay,
                                 clip_grad=optim_cfg.clip_grad)
   return Schedule(num_steps, spe, lr, tx)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +11,13 @@ import numpy as np
 from absl import logging
 
 from rae_jax import data as data_lib
+from rae_jax.models.layers import draw_label_drop
 from rae_jax.pipeline import builders, common, generate, images, weights
 from rae_jax.pipeline.latents import LATENT_CACHE
 from rae_jax.train import loop as loop_lib
 from rae_jax.train import mesh as mesh_lib
 from rae_jax.train.state import init_train_state
+from rae_jax.train.step import make_train_step
 
 
 def normalise(z: jax.Array, stats: dict, eps: float) -> jax.Array:
@@ -26,12 +28,28 @@ def normalise(z: jax.Array, stats: dict, eps: float) -> jax.Array:
   return (z - mean) / jnp.sqrt(var + eps)
 
 
-def make_loss_fn(config: mlc.ConfigDict, model, rae, transport, *, from_cache: bool) -> Callable:
-  """loss_fn(params, batch, key, frozen) -> (per-example loss, aux) for make_train_step."""
-  eps = config.stats.eps
+def make_loss_fn(config: mlc.ConfigDict, model, rae, transport, *, from_cache: bool,
+                 latent_shape: Optional[tuple] = None) -> tuple[Callable, Callable]:
+  """(loss_fn(params, batch, draws, frozen), draw_fn(key, batch)) for make_train_step.
 
-  def loss_fn(params, batch, key, frozen):
+  The official step: loss = transport.training_losses(model, x1, {y}).loss.mean() with the model in
+  train mode. Its random inputs are the draws: flow-matching time t and noise (transport.draw) and
+  the label-dropout mask ('drop', only if the model has a null class). `latent_shape` (h, w, C)
+  defaults to the RAE's.
+  """
+  eps = config.stats.eps
+  shape = tuple(latent_shape or rae.latent_shape)
+  drop_prob = float(getattr(model, "class_dropout_prob", 0.0))
+
+  def draw_fn(key, batch):
     k_drop, k_loss = jax.random.split(key)
+    b = batch["label"].shape[0]
+    draws = transport.draw(k_loss, (b,) + shape)
+    if drop_prob > 0:
+      draws["drop"] = draw_label_drop(k_drop, (b,), drop_prob)
+    return draws
+
+  def loss_fn(params, batch, draws, frozen):
     if from_cache:
       x = normalise(batch["latent"].astype(jnp.float32), frozen["stats"], eps)
     else:
@@ -39,12 +57,23 @@ def make_loss_fn(config: mlc.ConfigDict, model, rae, transport, *, from_cache: b
     x = jax.lax.stop_gradient(x)
 
     def apply_fn(p, x_t, t, y):
-      return model.apply({"params": p}, x_t, t, y, train=True, rngs={"label_dropout": k_drop})
+      return model.apply({"params": p}, x_t, t, y, train=True, force_drop_ids=draws.get("drop"))
 
-    loss = transport.training_loss(params, apply_fn, x, k_loss, y=batch["label"])
+    loss = transport.training_loss_from_draws(params, apply_fn, x, draws, y=batch["label"])
     return loss, {}
 
-  return loss_fn
+  return loss_fn, draw_fn
+
+
+def make_step(config: mlc.ConfigDict, model, rae, transport, sched: common.Schedule, shardings,
+              mesh, *, from_cache: bool, frozen_shardings, latent_shape: Optional[tuple] = None):
+  """The jitted stage-2 train step main.py runs (tests replay official trajectories through it)."""
+  loss_fn, draw_fn = make_loss_fn(config, model, rae, transport, from_cache=from_cache,
+                                  latent_shape=latent_shape)
+  s2 = config.stage2
+  return make_train_step(loss_fn, sched.tx, s2.ema_decay, shardings, mesh_lib.batch_sharding(mesh),
+                         accum_steps=s2.grad_accum_steps, lr_schedule=sched.lr,
+                         frozen_shardings=frozen_shardings, draw_fn=draw_fn)
 
 
 def load_inference_rae(config: mlc.ConfigDict, workdir: str, mesh) -> tuple[Any, dict]:
@@ -99,11 +128,8 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   if from_cache:
     frozen = {"stats": rae_vars.get("stats", {})}
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-  from rae_jax.train.step import make_train_step
-  step_fn = make_train_step(make_loss_fn(config, model, rae, transport, from_cache=from_cache),
-                            sched.tx, s2.ema_decay, shardings, mesh_lib.batch_sharding(mesh),
-                            accum_steps=s2.grad_accum_steps, lr_schedule=sched.lr,
-                            frozen_shardings=frozen_shardings)
+  step_fn = make_step(config, model, rae, transport, sched, shardings, mesh,
+                      from_cache=from_cache, frozen_shardings=frozen_shardings)
   it = common.data_iterator(source, mesh, gb, config.seed, config=config)
   writer = common.writer(config, workdir, builders.STAGE2_DIR)
   hooks = []
