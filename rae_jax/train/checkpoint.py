@@ -5,16 +5,20 @@ its `commit_success.txt` on object stores) and only renamed/marked once every pr
 finished writing, so a save interrupted by a kill is never listed as a step: resuming picks
 the newest complete one. We log such leftovers and let orbax delete them.
 
-Each checkpoint holds three items: `state` (TrainState: step, params, EMA, optimizer, base
-PRNG key, extra collections), `data` (the data iterator's JSON state) and `config` (JSON).
+Each checkpoint holds four items: `state` (TrainState: step, params, EMA, optimizer, base
+PRNG key, extra collections), `data` (the data iterator's JSON state), `config` (JSON) and
+`integrity` (a checksum per array, taken on device at save time and verified on restore, so a
+flipped bit is caught instead of restored). A step that fails to restore is moved aside to
+`<step>.corrupt` (never deleted) and the previous one is used.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -22,22 +26,27 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 TMP_MARKER = '.orbax-checkpoint-tmp'
-ITEMS = ('state', 'data', 'config')
+ITEMS = ('state', 'data', 'config', 'integrity')
 
 
 class PreemptionFlag:
-  """SIGTERM (preemption notice) handler that only sets a flag; the train loop polls it.
+  """Preemption notice (SIGTERM) -> stop after the current step; the train loop polls it.
 
   Saving from inside a signal handler could interleave with a running step or save, so the
-  loop finishes its step, saves synchronously and exits 0. With several processes, all of them
-  must agree to stop at the same step (a checkpoint is collective): should_stop() all-gathers
-  the flags every `sync_every` steps.
+  loop finishes its step, saves synchronously and exits 0. With several processes all must stop
+  at the same step (a checkpoint is collective): JAX's preemption service (started by
+  jax.distributed.initialize; it catches SIGTERM itself) agrees on that step in the background,
+  and `should_stop` only asks it locally, never a collective that would drain the step pipeline.
+  Without the service (an old coordinator) the flags are all-gathered every `sync_every` steps.
   """
 
   def __init__(self, signals=(signal.SIGTERM,), sync_every: int = 10):
     self._event = threading.Event()
     self._previous = {}
     self.sync_every = max(int(sync_every), 1)
+    self._service = _preemption_service()
+    if self._service:
+      return  # Our Python handler would replace the service's SIGTERM notifier.
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -57,11 +66,14 @@ class PreemptionFlag:
     return self._event.is_set()
 
   def should_stop(self, step: int) -> bool:
+    """Call at every step, on every process (the service's protocol needs each step id)."""
     if jax.process_count() == 1:
       return self.triggered
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if self._service:
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
     if step % self.sync_every:
       return False
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = multihost_utils.process_allgather(np.int32(self.triggered))
     return bool(np.any(flags))
 
@@ -71,6 +83,14 @@ class PreemptionFlag:
     self._previous = {}
 
 
+def _preemption_service() -> bool:
+  """True when several processes run and JAX's preemption sync manager is up."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return getattr(distributed.global_state, 'preemption_sync_manager', None) is not None
+
+
 def incomplete_checkpoints(directory: str | os.PathLike) -> list[str]:
   """Names of step directories left half-written (temporary, never committed)."""
   if not os.path.isdir(directory):
@@ -78,11 +98,197 @@ def incomplete_checkpoints(directory: str | os.PathLike) -> list[str]:
   return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint problem; the message is one line naming the step, file and cause."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A step that cannot be restored as saved (missing/truncated file, checksum mismatch)."""
+
+
+class SaveFailed(CheckpointError):
+  """An asynchronous save failed in the background (e.g. disk full)."""
+
+
+# --- integrity -----------------------------------------------------------------------------
+
+
+def _leaf_name(path) -> str:
+  """'params/block_0/kernel' for TrainState attributes and dict keys alike (partial restores
+  of dicts and full restores of dataclasses give the same names)."""
+  parts = []
+  for k in path:
+    for attr in ('name', 'key', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def _as_u32(x):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  bits = x.dtype.itemsize * 8
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if bits == 32:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if bits in (8, 16):
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{bits}')).astype(jnp.uint32)
+  if bits == 64:  # x64 mode: both halves.
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  raise TypeError(f'checksum: unsupported dtype {x.dtype}')
+
+
+@jax.jit
+def _sums(leaves):
+  """Per array: (sum, position-weighted sum) of its bits as uint32, wrapping. Any single-bit
+  flip changes the weighted sum (odd weights); computed on device where the array lives."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  out = []
+  for x in leaves:
+    u = _as_u32(x).reshape(-1)
+    w = jnp.arange(u.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    out.append(jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * w, dtype=jnp.uint32)]))
+  return out
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+  """{leaf name: [sum, weighted sum]} of every array leaf (one jitted device pass)."""
+  flat = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(x, 'dtype') and hasattr(x, 'shape')]
+  if not flat:
+    return {}
+  sums = jax.device_get(_sums([x for _, x in flat]))
+  return {_leaf_name(p): [int(v) for v in s] for (p, _), s in zip(flat, sums)}
+
+
+def verify(tree: Any, expected: dict, where: str) -> None:
+  """Raises DamagedCheckpoint naming the first array whose checksum differs from the save."""
+  got = checksums(tree)
+  for name, value in got.items():
+    want = expected.get(name)
+    if want is not None and list(want) != value:
+      raise DamagedCheckpoint(f'{where}: array {name!r} fails its checksum (saved {want}, '
+                              f'read {value}): the data file was altered after saving')
+
+
+# --- damage handling -----------------------------------------------------------------------
+
+# Files every committed step of ours has; a missing one is reported by name.
+REQUIRED_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'state/manifest.ocdbt',
+                  'data/metadata', 'config/metadata')
+
+
+def missing_files(step_dir: str) -> list[str]:
+  if not os.path.isdir(step_dir):
+    return [step_dir]
+  if not os.listdir(step_dir):
+    return [step_dir + ' (the step directory is empty)']
+  return [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(step_dir, f))]
+
+
+def describe_error(error: BaseException, step_dir: str) -> str:
+  """One line out of an orbax/tensorstore error chain: the innermost error that names a file
+  (the file and why), else the outermost message's first line."""
+  chain, e = [], error
+  while e is not None and e not in chain and len(chain) < 20:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  path_re = re.compile(re.escape(os.path.abspath(step_dir)) + r'[^\s"\'\]\),]*')
+  for e in reversed(chain):
+    text = str(e).strip()
+    if path_re.search(text):
+      line = next((ln for ln in text.splitlines() if path_re.search(ln)), text.splitlines()[0])
+      return _clip(f'{type(e).__name__}: {line.strip()}')
+  text = str(error).strip()
+  return _clip(f'{type(error).__name__}: {text.splitlines()[0] if text else ""}')
+
+
+def _clip(line: str, n: int = 400) -> str:
+  return line if len(line) <= n else line[:n] + '...'
+
+
+def quarantine(directory: str, step: int) -> str:
+  """Renames <directory>/<step> to <step>.corrupt[.N] (never deletes); process 0 only, then
+  every process waits for it. Returns the new path."""
+  src = os.path.join(directory, str(step))
+  dst = src + '.corrupt'
+  n = 0
+  while os.path.exists(dst):
+    n += 1
+    dst = f'{src}.corrupt.{n}'
+  if jax.process_index() == 0 and os.path.exists(src):
+    os.rename(src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'quarantine {src}')
+  return dst
+
+
+def restore_newest_intact(directory: str, steps: Sequence[int],
+                          restore_step: Callable[[int], Any], reload: Callable[[], None],
+                          what: str = 'checkpoint') -> tuple[int, Any]:
+  """Tries `restore_step(step)` newest first. A DamagedCheckpoint (or any error reading a step
+  whose files are incomplete) is logged as one line, the step moved aside, the next older one
+  tried. Errors that are not damage (a model that no longer matches) propagate unchanged."""
+  for step in sorted(steps, reverse=True):
+    step_dir = os.path.join(directory, str(step))
+    try:
+      missing = missing_files(step_dir)
+      if missing:
+        raise DamagedCheckpoint(f'missing {", ".join(os.path.join(step_dir, m) for m in missing)}')
+      return step, restore_step(step)
+    except StructureMismatch:
+      raise
+    except DamagedCheckpoint as e:
+      cause = str(e)
+    except Exception as e:  # pylint: disable=broad-except
+      cause = describe_error(e, step_dir)
+    moved = quarantine(directory, step)
+    logging.error('%s step %d in %s is damaged (%s); moved aside to %s, trying the previous '
+                  'step.', what.capitalize(), step, directory, cause, moved)
+    reload()
+  raise FileNotFoundError(f'no intact {what} in {directory} (damaged steps were moved aside to '
+                          '<step>.corrupt).')
+
+
+class StructureMismatch(CheckpointError, ValueError):
+  """The checkpoint's arrays do not match the model being restored into (a config change, not
+  damage): never moved aside."""
+
+
+def check_structure(saved_meta: Any, target: Any, where: str) -> None:
+  """Compares the saved array shapes with the restore target (names and shapes)."""
+  def shapes(tree):
+    return {_leaf_name(p): tuple(getattr(x, 'shape', ()))
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(x, 'shape')}
+  saved, want = shapes(saved_meta), shapes(target)
+  missing = sorted(set(want) - set(saved))
+  wrong = sorted(k for k in set(want) & set(saved) if saved[k] != want[k])
+  if missing or wrong:
+    detail = ([f'{k}: saved {saved[k]}, model {want[k]}' for k in wrong[:5]] +
+              [f'{k}: not in the checkpoint' for k in missing[:5]])
+    raise StructureMismatch(f'{where} does not match the model: {"; ".join(detail)} (did the model '
+                            'config change? use a new workdir)')
+
+
+def item_handlers() -> dict:
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+          'config': ocp.JsonCheckpointHandler(), 'integrity': ocp.JsonCheckpointHandler()}
+
+
 class Checkpointer:
-  """CheckpointManager for TrainState + data iterator state + config.
+  """CheckpointManager for TrainState + data iterator state + config + checksums.
 
   save_every: async save every N steps (also forced saves: final, preemption).
   keep: the last K checkpoints are kept, plus every `keep_every`-th step if given.
+  Each save records a checksum of every array (`integrity` item); restore verifies them and
+  falls back to the newest intact step, moving damaged ones aside (`<step>.corrupt`).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int = 3,
@@ -105,7 +311,10 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=item_handlers())
+    self._pending: Optional[int] = None  # step of an async save not yet checked
+    self._closed = False
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -119,29 +328,88 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: Optional[dict] = None,
            config: Optional[dict] = None, *, force: bool = False) -> bool:
     """Starts a save (async unless configured otherwise); call on every process."""
+    self.check()
+    integrity = {'state': checksums(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(dict(data_state or {})),
-                              config=ocp.args.JsonSave(dict(config or {})))
-    return self.manager.save(int(step), args=args, force=force)
+                              config=ocp.args.JsonSave(dict(config or {})),
+                              integrity=ocp.args.JsonSave(integrity))
+    try:
+      started = self.manager.save(int(step), args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveFailed(f'checkpoint save of step {step} in {self.directory} failed: '
+                       f'{describe_error(e, self.directory)}') from e
+    if started:
+      self._pending = int(step)
+    return started
+
+  def check(self) -> None:
+    """Raises SaveFailed if the last async save has finished with an error. Cheap (no wait
+    while a save is still running): the train loop calls it at every step boundary."""
+    if self._pending is None or self.manager.is_saving_in_progress():
+      return
+    step, self._pending = self._pending, None
+    try:  # The save has finished: this returns at once, raising the save thread's error.
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveFailed(f'checkpoint save of step {step} in {self.directory} failed: '
+                       f'{describe_error(e, self.directory)}; earlier checkpoints are intact') from e
 
   def restore(self, target: Any, step: Optional[int] = None) -> tuple[Any, dict, dict]:
     """Restores (state, data_state, config); `target` is a state or abstract state whose
-    leaves carry the shardings to restore into (see state.abstract_state)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no complete checkpoint in {self.directory}.')
+    leaves carry the shardings to restore into (see state.abstract_state).
+
+    step None: the newest intact step (damaged newer ones are moved aside). An explicit step
+    that is damaged raises DamagedCheckpoint (and is left in place)."""
     abstract = jax.tree.map(_as_abstract, target)
+    if step is not None:
+      self.restored_step = int(step)
+      return self._restore_step(abstract, int(step))
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'no complete checkpoint in {self.directory}.')
+    self.restored_step, out = restore_newest_intact(
+        self.directory, steps, lambda s: self._restore_step(abstract, s), self.manager.reload)
+    return out
+
+  def _restore_step(self, abstract: Any, step: int) -> tuple[Any, dict, dict]:
+    where = f'checkpoint step {step} in {self.directory}'
+    try:
+      meta = self.manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpoint(f'unreadable metadata: '
+                              f'{describe_error(e, os.path.join(self.directory, str(step)))}') from e
+    if meta is not None:
+      check_structure(meta, abstract, where)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore()))
+        config=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore()))
+    integrity = dict(restored.get('integrity') or {})
+    if integrity.get('state'):
+      verify(restored['state'], integrity['state'], where)
+    else:
+      logging.warning('%s has no checksums (saved by an older version): not verified.', where)
     return restored['state'], dict(restored['data'] or {}), dict(restored['config'] or {})
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is written; raises SaveFailed if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._pending = self._pending, None
+      raise SaveFailed(f'checkpoint save of step {step} in {self.directory} failed: '
+                       f'{describe_error(e, self.directory)}; earlier checkpoints are intact') from e
+    self.check()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the pending save and stops orbax's threads. Idempotent; safe in a finally."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _as_abstract(x):
