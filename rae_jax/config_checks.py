@@ -1,7 +1,11 @@
 """Fail at start, naming the field, instead of an hour into a pod job."""
 from __future__ import annotations
 
+import json
+import os
+import re
 import warnings
+from typing import Any, Optional
 
 import ml_collections as mlc
 
@@ -16,12 +20,96 @@ class WidthRuleWarning(UserWarning):
   """The paper's rule: the DiT must be at least as wide as the latent tokens."""
 
 
+class IgnoredFieldWarning(UserWarning):
+  """A field is set but the recipe does not use it."""
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")  # rae_jax.pipeline.builders.COMPUTE_DTYPES
+DATA_SOURCES = ("tfds", "image_folder", "synthetic", "latents")
+
+
 def latent_grid(config: mlc.ConfigDict) -> int:
   return config.encoder.input_size // config.encoder.patch_size
 
 
+def _positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ConfigError(f"{name}={value!r}: must be a positive integer")
+
+
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
+  """Fields whose bad values used to escape as KeyError/ZeroDivisionError/IndexError later."""
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}")
+  if config.data.source not in DATA_SOURCES:
+    raise ConfigError(f"config.data.source={config.data.source!r}; valid: {list(DATA_SOURCES)}")
+  _positive_int("config.eval.per_device_batch", config.eval.per_device_batch)
+  _positive_int("config.checkpoint.every_steps", config.checkpoint.every_steps)
+  _positive_int("config.checkpoint.keep", config.checkpoint.keep)
+  _positive_int("config.log.every_steps", config.log.every_steps)
+  _positive_int("config.data.num_threads", config.data.num_threads)
+  _positive_int("config.stage1.global_batch_size", config.stage1.global_batch_size)
+  _positive_int("config.stage2.global_batch_size", config.stage2.global_batch_size)
+  for name, optim in (("config.stage1.optim", config.stage1.optim),
+                      ("config.stage1.disc.optim", config.stage1.disc.optim),
+                      ("config.stage2.optim", config.stage2.optim)):
+    betas = optim.get("betas", (0.9, 0.999))
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2 or
+        not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+      raise ConfigError(f"{name}.betas={betas!r}: must be two numbers in [0, 1), e.g. (0.9, 0.999)")
+    if not optim.lr > 0:
+      raise ConfigError(f"{name}.lr={optim.lr!r}: must be > 0")
+  for name, value in (("config.stage1.ema_decay", config.stage1.ema_decay),
+                      ("config.stage2.ema_decay", config.stage2.ema_decay)):
+    if not 0 <= value < 1:
+      raise ConfigError(f"{name}={value!r}: must be in [0, 1)")
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  if data < 1 or (fsdp != -1 and fsdp < 1):
+    raise ConfigError(f"config.mesh.data={data}, config.mesh.fsdp={fsdp}: data must be >= 1 and "
+                      "fsdp >= 1 or -1 (all remaining devices)")
+  if num_devices % data or (fsdp != -1 and data * fsdp != num_devices):
+    raise ConfigError(f"config.mesh.data={data} x config.mesh.fsdp={fsdp} does not fit the "
+                      f"{num_devices} device(s): data must divide it and data*fsdp equal it "
+                      "(fsdp=-1 takes the rest)")
+  enc = config.encoder
+  if enc.path and not _is_remote(enc.path):
+    if canonical_name(enc.name) == "toy_vit":
+      warnings.warn(f"config.encoder.path={enc.path!r} is ignored: the toy_vit encoder is randomly "
+                    "initialised from config.seed", IgnoredFieldWarning, stacklevel=3)
+    elif not os.path.exists(enc.path) and not _HF_REPO_ID.match(enc.path):
+      raise ConfigError(f"config.encoder.path={enc.path!r}: no such file or directory (a local "
+                        "HF checkpoint folder, or a Hugging Face repo id such as "
+                        "'facebook/dinov2-with-registers-base')")
+  if config.data.source in ("image_folder", "latents") and mode not in ("import_torch",
+                                                                        "export_torch"):
+    if not config.data.path:
+      raise ConfigError(f"config.data.path is empty but config.data.source="
+                        f"{config.data.source!r} reads from it")
+    if not _is_remote(config.data.path) and not os.path.isdir(config.data.path):
+      raise ConfigError(f"config.data.path={config.data.path!r}: no such directory")
+  disc = config.stage1.disc
+  if (mode in ("train_stage1", "all") and disc.enabled and disc.dino_ckpt_path and
+      not _is_remote(disc.dino_ckpt_path) and not os.path.exists(disc.dino_ckpt_path)):
+    raise ConfigError(f"config.stage1.disc.dino_ckpt_path={disc.dino_ckpt_path!r}: file not found")
+  if config.stats.path and not _is_remote(config.stats.path) and not os.path.exists(
+      config.stats.path):
+    raise ConfigError(f"config.stats.path={config.stats.path!r}: file not found")
+
+
+def canonical_name(name: str) -> str:
+  return ALIASES.get(name, name)
+
+
 def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
   enc, dec, model = config.encoder, config.decoder, config.model
+  _check_basics(config, mode, num_devices)
   if enc.name not in ENCODERS and enc.name not in ALIASES:
     raise ConfigError(f"config.encoder.name={enc.name!r} is unknown; valid: "
                       f"{sorted(ENCODERS) + sorted(ALIASES)}")
@@ -77,3 +165,61 @@ def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
     raise ConfigError(f"config.guidance.method={config.guidance.method!r}: use 'cfg' or 'autoguidance'")
   if config.eval.label_sampling not in ("equal", "random"):
     raise ConfigError(f"config.eval.label_sampling={config.eval.label_sampling!r}: 'equal' or 'random'")
+
+
+# --- config drift on resume ------------------------------------------------------------------
+
+# Sections/fields that cannot change a training run's math: changing them on resume is free.
+RESUME_EXEMPT = ("log", "eval", "checkpoint", "resume", "distributed", "sample", "sampler",
+                 "export", "interop", "mesh", "data.num_threads", "data.prefetch", "data.data_dir",
+                 "data.eval_split")
+# The length of a run (extending it keeps the LR schedule, which is set in epochs).
+RESUME_EXEMPT_SUFFIXES = ("optim.num_steps", "optim.epochs")
+# Sections the other stage's training never reads.
+RESUME_EXEMPT_BY_STAGE = {"stage1": ("stage2", "model", "transport", "guidance"),
+                          "stage2": ("stage1", "guidance")}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+  return {prefix: tree}
+
+
+def _exempt(field: str, stage: str) -> bool:
+  prefixes = RESUME_EXEMPT + RESUME_EXEMPT_BY_STAGE.get(stage, ())
+  return (any(field == p or field.startswith(p + ".") for p in prefixes) or
+          any(field.endswith(s) for s in RESUME_EXEMPT_SUFFIXES))
+
+
+def resume_drift(saved: dict, current: dict, stage: str = "") -> list[tuple[str, Any, Any]]:
+  """[(field, saved value, current value)] of run-defining fields that differ."""
+  norm = json.loads(json.dumps(current, default=str))  # tuples -> lists, as saved
+  old, new = _flatten(json.loads(json.dumps(saved, default=str))), _flatten(norm)
+  missing = object()
+  return [(k, old.get(k, "<unset>"), new.get(k, "<unset>")) for k in sorted(set(old) | set(new))
+          if not _exempt(k, stage) and old.get(k, missing) != new.get(k, missing)]
+
+
+def check_resume(saved: dict, current: dict, stage: str = "", where: str = "the checkpoint",
+                 log: Optional[Any] = None) -> list[str]:
+  """Refuses to resume with changed run-defining fields unless
+  current['resume']['allow_changes'] (comma-separated field names, 'config.' optional) lists
+  them; logs the allowed ones. Returns the changed field names."""
+  import logging  # pylint: disable=g-import-not-at-top
+  log = log or logging.getLogger(__name__)
+  changes = resume_drift(saved, current, stage)
+  allow_text = str((current.get("resume") or {}).get("allow_changes", "") or "")
+  allowed = {a.strip().removeprefix("config.") for a in allow_text.split(",") if a.strip()}
+  refused = [c for c in changes if c[0] not in allowed]
+  if refused:
+    listing = "; ".join(f"config.{k}: {a!r} -> {b!r}" for k, a, b in refused)
+    names = ",".join(k for k, _, _ in refused)
+    raise ConfigError(f"resuming from {where} with a changed config: {listing}. Revert them, use a "
+                      f"new workdir, or accept with --config.resume.allow_changes={names}")
+  for k, a, b in changes:
+    log.warning("Resuming from %s with config.%s changed: %r -> %r (allowed)", where, k, a, b)
+  return [k for k, _, _ in changes]

@@ -64,3 +64,66 @@ def test_narrow_dit_warns_but_starts():
   c.model.hidden_size = (32, 48)
   with pytest.warns(config_checks.WidthRuleWarning, match="NARROWER"):
     config_checks.check(c, "train_stage2", num_devices=1)
+
+
+@pytest.mark.parametrize("override, field", [
+    (("compute_dtype", "float16"), "config.compute_dtype"),
+    (("eval.per_device_batch", 0), "config.eval.per_device_batch"),
+    (("stage2.optim.betas", 0.9), "config.stage2.optim.betas"),
+    (("mesh.data", 3), "config.mesh.data"),
+    (("checkpoint.every_steps", 0), "config.checkpoint.every_steps"),
+    (("stage1.global_batch_size", 0), "config.stage1.global_batch_size"),
+    (("stage2.ema_decay", 1.5), "config.stage2.ema_decay"),
+])
+def test_bad_values_fail_up_front_before_anything_is_written(tmp_path, override, field):
+  """Each used to escape as KeyError/ZeroDivisionError/IndexError after the workdir was written."""
+  from rae_jax import modes
+  c = load_config("demo")
+  path, value = override
+  *parents, leaf = path.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[leaf] = value
+  workdir = tmp_path / "w"
+  with pytest.raises(config_checks.ConfigError, match=field.replace(".", r"\.")):
+    modes.run("all", c, str(workdir))
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_missing_encoder_path_fails_and_ignored_path_warns(tmp_path):
+  c = load_config("stage2_ditdh_xl_256")
+  c.encoder.path = str(tmp_path / "no_such_encoder")
+  with pytest.raises(config_checks.ConfigError, match=r"config\.encoder\.path=.*no such file"):
+    config_checks.check(c, "train_stage2", num_devices=8)
+  demo = load_config("demo")
+  demo.encoder.path = str(tmp_path)
+  with pytest.warns(config_checks.IgnoredFieldWarning, match=r"config\.encoder\.path"):
+    config_checks.check(demo, "all", num_devices=8)
+
+
+def test_resume_refuses_changed_run_fields_unless_allowed():
+  saved = load_config("demo").to_dict()
+  c = load_config("demo")
+  c.stage2.global_batch_size = 128
+  c.stage2.optim.lr = 1e-3
+  c.stage2.ema_decay = 0.9
+  c.log.every_steps = 7  # exempt: cannot change the math
+  c.stage2.optim.num_steps = 5000  # exempt: extends the run
+  c.stage1.optim.lr = 1.0  # not read by stage 2
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.check_resume(saved, c.to_dict(), stage="stage2")
+  msg = str(e.value)
+  for f in ("config.stage2.global_batch_size: 64 -> 128", "config.stage2.optim.lr",
+            "config.stage2.ema_decay"):
+    assert f in msg, msg
+  assert "log.every_steps" not in msg and "num_steps" not in msg and "stage1" not in msg
+  assert "--config.resume.allow_changes=stage2.ema_decay,stage2.global_batch_size,stage2.optim.lr" \
+      in msg
+  c.resume.allow_changes = "stage2.ema_decay, config.stage2.global_batch_size,stage2.optim.lr"
+  changed = config_checks.check_resume(saved, c.to_dict(), stage="stage2")
+  assert changed == ["stage2.ema_decay", "stage2.global_batch_size", "stage2.optim.lr"]
+  # Stage 1 does refuse its own lr.
+  with pytest.raises(config_checks.ConfigError, match=r"config\.stage1\.optim\.lr"):
+    config_checks.check_resume(saved, c.to_dict(), stage="stage1")

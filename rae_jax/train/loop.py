@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
+from rae_jax import config_checks
 from rae_jax.train.checkpoint import Checkpointer, PreemptionFlag
 
 Hook = Callable[[int, Any, Optional[dict]], None]
@@ -101,21 +102,28 @@ class MetricWriter:
 
 
 def resume(checkpointer: Optional[Checkpointer], state: Any,
-           data_iter: Optional[Iterator] = None) -> tuple[Any, Optional[dict]]:
-  """Restores the newest complete checkpoint into `state`'s shardings, and rewinds the data.
+           data_iter: Optional[Iterator] = None, config: Optional[dict] = None,
+           name: str = 'train') -> tuple[Any, Optional[dict]]:
+  """Restores the newest intact checkpoint into `state`'s shardings, and rewinds the data.
 
+  Damaged newer steps are moved aside (see Checkpointer.restore). With `config`, the config
+  saved with the checkpoint must agree on every run-defining field (config_checks.resume_drift)
+  unless config['resume']['allow_changes'] names the changed ones.
   Returns (state, config saved with the checkpoint or None when starting fresh).
   """
   if checkpointer is None or checkpointer.latest_step() is None:
     return state, None
-  step = checkpointer.latest_step()
-  state, data_state, config = checkpointer.restore(state, step)
+  state, data_state, saved_config = checkpointer.restore(state)
+  step = checkpointer.restored_step
+  if config is not None and saved_config:
+    config_checks.check_resume(saved_config, config, stage=name,
+                               where=f'{checkpointer.directory} step {step}')
   if data_iter is not None and not (data_state and _set_data_state(data_iter, data_state)):
     logging.warning('Checkpoint %d: no data iterator state restored; the data order restarts.',
                     step)
   if jax.process_index() == 0:
     logging.info('Resumed from %s at step %d.', checkpointer.directory, step)
-  return state, config
+  return state, saved_config
 
 
 def _data_state(data_iter) -> Optional[dict]:
@@ -149,7 +157,7 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
     use them for sampling/eval every N steps.
   """
   if auto_resume:
-    state, _ = resume(checkpointer, state, data_iter)
+    state, _ = resume(checkpointer, state, data_iter, config, name)
   owns_preemption = preemption is None
   if owns_preemption:
     preemption = PreemptionFlag()
@@ -189,6 +197,9 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
         t_last, step_last = now, step
         host_metrics['steps_per_sec'] = sps
         host_metrics['images_per_sec'] = sps * global_batch_size
+        data_metrics = getattr(data_iter, 'metrics', None)
+        if callable(data_metrics):  # e.g. data/num_skipped: unreadable examples replaced
+          host_metrics.update({k: float(v) for k, v in data_metrics().items()})
         if is_main:
           if tty:
             sys.stderr.write('\r\033[K')
@@ -206,6 +217,8 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
         sys.stderr.flush()
       for hook in hooks:
         hook(step, state, host_metrics)
+      if checkpointer is not None:
+        checkpointer.check()  # a failed async save stops the run here, not one interval later
       if preemption.should_stop(step):
         if is_main:
           logging.warning('Preempted at step %d: saving a checkpoint synchronously.', step)
@@ -225,6 +238,15 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
     if writer is not None:
       writer.flush()
     return state
+  except BaseException:
+    # Let a running save finish and orbax's threads stop before the error propagates (no
+    # background-thread noise after the traceback); a second failure is only logged.
+    if checkpointer is not None:
+      try:
+        checkpointer.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('While stopping after an error: %s', e)
+    raise
   finally:
     if owns_preemption:
       preemption.uninstall()
