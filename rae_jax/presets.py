@@ -33,6 +33,8 @@ def ditdh(hidden, depth, heads, *, input_size=16, in_channels=768, num_classes=1
       use_pos_embed=True,
       remat=False,
       scan_layers=False,
+      # JAX-only: the attention kernel of every transformer in the run (models/attention.py).
+      attention_impl="auto",
   ))
 
 
