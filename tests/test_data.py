@@ -393,3 +393,17 @@ def test_to_global_builds_a_sharded_global_array():
   np.testing.assert_array_equal(np.asarray(batch["image"]), local["image"])
   with pytest.raises(ValueError, match="batch\\['label'\\]"):
     to_global({"label": np.zeros((3,), np.int32)}, sharding)
+
+
+def test_adjacent_bad_examples_count_once_each():
+  """Three adjacent bad files are three replacements per epoch (was 3+2+1=6: attempts)."""
+  bad = {4, 5, 6}
+  it = DataIterator(IndexSource(16, bad), 16, seed=0, process_index=0, process_count=1,
+                    prefetch=0, flip=False)
+  batch = next(it)
+  assert it.num_skipped == 3 and it.metrics() == {"data/num_skipped": 3}
+  idx = sorted(int(v) for v in batch["image"][:, 0, 0, 0] * 255 + 0.5)
+  assert idx.count(7) == 4 and not bad & set(idx)  # each bad one replaced by index 7
+  next(it)
+  assert it.num_skipped == 6  # second epoch: the same three again
+  it.close()

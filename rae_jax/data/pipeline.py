@@ -175,8 +175,9 @@ class DataIterator:
       logging.warning("data: skipping unreadable example %d (%s): %s: %s", index, where,
                       type(error).__name__, error)
 
-  def _read(self, index: int, flip: bool) -> tuple[Any, int, int]:
-    """source[index], or the next readable index; also returns how many were skipped."""
+  def _read(self, index: int, flip: bool) -> tuple[Any, int, bool]:
+    """source[index], or the next readable index; also returns whether it was replaced (one bad
+    example, however many bad neighbours were stepped over to replace it)."""
     read_flip = getattr(self.source, "read_flip", None) if self.kind == "latent" else None
     n = self.num_examples
     for attempt in range(min(self.max_consecutive_failures, n)):
@@ -193,13 +194,13 @@ class DataIterator:
       except Exception as e:  # pylint: disable=broad-except
         self._mark_bad(candidate, e)
         continue
-      return example, label, attempt
+      return example, label, attempt > 0
     raise RuntimeError(
         f"data: {min(self.max_consecutive_failures, n)} consecutive unreadable examples from index "
         f"{index}; last error: {self._bad.get(candidate)}")
 
   def _fill(self, batch: _PendingBatch, j: int, index: int, flip: bool) -> None:
-    example, label, skipped = self._read(int(index), bool(flip))
+    example, label, replaced = self._read(int(index), bool(flip))
     if self.kind == "latent":
       example = np.asarray(example)
       if example.ndim != 3:
@@ -213,7 +214,7 @@ class DataIterator:
                          "expected uint8 (H, W, 3)")
       to_unit_float(hflip(example) if flip else example, out=batch.slot(j, example.shape))
     batch.labels[j] = label
-    batch.skipped[j] = skipped
+    batch.skipped[j] = int(replaced)
 
   def _schedule(self) -> None:
     epoch, step = self._next_epoch, self._next_step
