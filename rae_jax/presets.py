@@ -54,7 +54,7 @@ def lightning_dit(hidden=1152, depth=28, heads=16, *, input_size=16, in_channels
       hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1,
       num_classes=num_classes, learn_sigma=False, use_qknorm=False, use_swiglu=True,
       use_rope=True, use_rmsnorm=True, wo_shift=False, use_gembed=True, remat=False,
-      scan_layers=False))
+      scan_layers=False, attention_impl="auto"))
 
 
 def dinov2_b_encoder(input_size: int = 224) -> mlc.ConfigDict:

@@ -91,7 +91,7 @@ def model_kind(model_cfg: mlc.ConfigDict) -> str:
 def torch_kwargs(model_cfg: mlc.ConfigDict) -> dict:
   """Constructor arguments of the official class (ours minus JAX-only knobs)."""
   kw = builders.model_kwargs(model_cfg)
-  for k in ("remat", "scan_layers"):
+  for k in ("remat", "scan_layers", "attention_impl"):
     kw.pop(k, None)
   if model_kind(model_cfg) == "LightningDiT":
     kw.pop("use_pos_embed", None)

@@ -14,7 +14,7 @@ no running averages, so there is no 'batch_stats' collection.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 import flax.linen as nn
 
 from rae_jax.losses.spectral_norm import SPECTRAL, SpectralConv1d
+from rae_jax.models.attention import dot_product_attention
 
 # Official recipes (`dinodisc.recipes`): keys of FrozenDINONoDrop.
 RECIPES = {
@@ -68,30 +69,36 @@ def resize_bilinear_torch(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 class Attention(nn.Module):
   num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @nn.compact
   def __call__(self, x):
     b, n, c = x.shape
     d = c // self.num_heads
-    qkv = nn.Dense(3 * c, name="qkv")(x).reshape(b, n, 3, self.num_heads, d)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(x).reshape(b, n, 3, self.num_heads, d)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    attn = jnp.einsum("bqhd,bkhd->bhqk", q * (1.0 / d ** 0.5), k)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(attn, axis=-1), v)
-    return nn.Dense(c, name="proj")(out.reshape(b, n, c))
+    out = dot_product_attention(q, k, v, impl=self.attention_impl)
+    return nn.Dense(c, dtype=self.dtype, name="proj")(out.reshape(b, n, c))
 
 
 class Block(nn.Module):
   num_heads: int
   mlp_ratio: float
   norm_eps: float
+  dtype: Any = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    ln = functools.partial(nn.LayerNorm, epsilon=self.norm_eps, use_fast_variance=False)
-    x = x + Attention(self.num_heads, name="attn")(ln(name="norm1")(x))
-    h = nn.Dense(round(c * self.mlp_ratio), name="fc1")(ln(name="norm2")(x))
-    return x + nn.Dense(c, name="fc2")(jax.nn.gelu(h, approximate=True))
+    # LayerNorm statistics stay float32 (flax reduces in float32); only the output is cast.
+    ln = functools.partial(nn.LayerNorm, epsilon=self.norm_eps, use_fast_variance=False,
+                           dtype=self.dtype)
+    x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+        ln(name="norm1")(x))
+    h = nn.Dense(round(c * self.mlp_ratio), dtype=self.dtype, name="fc1")(ln(name="norm2")(x))
+    return x + nn.Dense(c, dtype=self.dtype, name="fc2")(jax.nn.gelu(h, approximate=True))
 
 
 class DinoViT(nn.Module):
@@ -104,6 +111,8 @@ class DinoViT(nn.Module):
   norm_eps: float = 1e-6
   key_depths: Sequence[int] = (2, 5, 8, 11)
   img_size: int = 224
+  dtype: Any = jnp.float32  # compute dtype of the ViT (matmuls, convs, attention)
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -112,17 +121,20 @@ class DinoViT(nn.Module):
     std = np.asarray(IMAGENET_STD, np.float32)
     x = x * (np.float32(0.5) / std) + (np.float32(0.5) - np.asarray(IMAGENET_MEAN, np.float32)) / std
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="patch_embed")(x)
     b = x.shape[0]
     x = x.reshape(b, -1, self.embed_dim)
     n = self.img_size // p
     cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.embed_dim))
     pos = self.param("pos_embed", nn.initializers.zeros, (1, n * n + 1, self.embed_dim))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.embed_dim)), x], axis=1) + pos
+    x = (jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.embed_dim)), x.astype(jnp.float32)],
+                         axis=1) + pos).astype(self.dtype)
     keys = set(self.key_depths)
     acts = []
     for i in range(max(self.depth, 1 + max(keys, default=0))):
-      x = Block(self.num_heads, self.mlp_ratio, self.norm_eps, name=f"blocks_{i}")(x)
+      x = Block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, self.attention_impl,
+                name=f"blocks_{i}")(x)
       if i in keys:
         acts.append(x[:, 1:])
     return [x[:, 1:]] + acts
@@ -187,6 +199,8 @@ class DinoDiscriminator(nn.Module):
   use_spectral_norm: bool = True
   norm_eps: float = 1e-6
   recipe_overrides: dict | None = None  # e.g. a tiny ViT for tests: dict(depth=4, embed_dim=32, ...)
+  dtype: Any = jnp.float32  # the frozen ViT's compute dtype; heads normalise in float32
+  attention_impl: str = "auto"
 
   def vit_config(self) -> dict:
     if self.recipe not in RECIPES:
@@ -204,6 +218,8 @@ class DinoDiscriminator(nn.Module):
     # As the reference: drop key depths beyond the ViT (its set() also sorts and dedups them).
     cfg["key_depths"] = tuple(sorted({int(d) for d in self.key_depths if d < cfg["depth"]}))
     cfg["norm_eps"] = self.norm_eps
+    cfg["dtype"] = self.dtype
+    cfg["attention_impl"] = self.attention_impl
     return cfg
 
   def setup(self):

@@ -77,6 +77,7 @@ class ViTDecoder(nn.Module):
   qkv_bias: bool = True
   dtype: Any = jnp.float32
   remat: bool = False
+  attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @property
   def grid_size(self) -> int:
@@ -104,7 +105,8 @@ class ViTDecoder(nn.Module):
     self.decoder_layers = [
         block(num_heads=self.decoder_num_attention_heads, mlp_dim=self.decoder_intermediate_size,
               layer_norm_eps=self.layer_norm_eps, act=self.hidden_act, qkv_bias=self.qkv_bias,
-              dtype=self.dtype) for _ in range(self.decoder_num_hidden_layers)]
+              dtype=self.dtype, attention_impl=self.attention_impl)
+        for _ in range(self.decoder_num_hidden_layers)]
     self.decoder_norm = layer_norm(self.layer_norm_eps, None, dtype=self.dtype)
     self.decoder_pred = nn.Dense(self.patch_size**2 * self.num_channels, dtype=self.dtype)
 

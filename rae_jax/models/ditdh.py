@@ -48,6 +48,7 @@ class DiTDH(nn.Module):
   wo_shift: bool = False
   use_pos_embed: bool = True
   dtype: Any = jnp.float32
+  attention_impl: str = "auto"  # xla | cudnn | splash | auto (models/attention.py)
   remat: bool = False
   scan_layers: bool = False
 
@@ -90,7 +91,8 @@ class DiTDH(nn.Module):
     return dict(hidden_size=width, num_heads=heads, mlp_ratio=self.mlp_ratio,
                 use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu,
                 use_rmsnorm=self.use_rmsnorm, wo_shift=self.wo_shift,
-                rope_grid=grid if self.use_rope else 0, xavier=False, dtype=self.dtype)
+                rope_grid=grid if self.use_rope else 0, xavier=False, dtype=self.dtype,
+                attention_impl=self.attention_impl)
 
   @nn.compact
   def __call__(self, x, t, y, *, train: bool = False, force_drop_ids=None):

@@ -2,8 +2,8 @@
 
 Everything here mirrors `stage2/models/model_utils.py` of the official RAE code closely enough
 that, with the same weights, outputs match in float32. Tokens are (B, N, D), images/latents
-channels-last (B, H, W, C). Parameters are float32; `dtype` is the compute dtype. Norms always
-run in float32 (the reference upcasts RMSNorm too).
+channels-last (B, H, W, C). Parameters are float32; `dtype` is the compute dtype (matmuls, convs,
+attention). Norms, softmax statistics, the time embedding and the model output stay float32.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rae_jax.models.attention import dot_product_attention
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -191,6 +193,7 @@ class Attention(nn.Module):
   rope_grid: int = 0  # 0 -> no RoPE; otherwise tokens form a rope_grid x rope_grid grid
   xavier: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @nn.compact
   def __call__(self, x):
@@ -214,7 +217,7 @@ class Attention(nn.Module):
       if cos.shape[0] != n:
         raise ValueError(f"RoPE grid {self.rope_grid}^2 does not match {n} tokens")
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = jax.nn.dot_product_attention(q.astype(v.dtype), k.astype(v.dtype), v)
+    out = dot_product_attention(q.astype(v.dtype), k, v, impl=self.attention_impl)
     out = out.reshape(b, n, d)
     return nn.Dense(d, dtype=self.dtype, name="proj", **linear_inits(d, self.xavier))(out)
 
@@ -268,10 +271,11 @@ class GaussianFourierEmbedder(nn.Module):
     emb = jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
     bias = lambda fan_in: (nn.initializers.zeros if self.xavier else
                            torch_default_bias_init(fan_in))
-    emb = nn.Dense(self.hidden_size, dtype=self.dtype, name="mlp_0",
+    # Kept in float32 whatever the compute dtype: t varies smoothly and is tiny to compute.
+    emb = nn.Dense(self.hidden_size, dtype=jnp.float32, name="mlp_0",
                    kernel_init=nn.initializers.normal(0.02),
                    bias_init=bias(2 * self.embedding_size))(emb)
-    return nn.Dense(self.hidden_size, dtype=self.dtype, name="mlp_2",
+    return nn.Dense(self.hidden_size, dtype=jnp.float32, name="mlp_2",
                     kernel_init=nn.initializers.normal(0.02),
                     bias_init=bias(self.hidden_size))(nn.silu(emb))
 
@@ -351,6 +355,7 @@ class DiTBlock(nn.Module):
   rope_grid: int = 0
   xavier: bool = False
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
   scanned: bool = False
 
   @nn.compact
@@ -368,7 +373,7 @@ class DiTBlock(nn.Module):
                  shift_msa, scale_msa)
     h = Attention(self.num_heads, qk_norm=self.use_qknorm, use_rmsnorm=self.use_rmsnorm,
                   rope_grid=self.rope_grid, xavier=self.xavier, dtype=self.dtype,
-                  name="attn")(h)
+                  attention_impl=self.attention_impl, name="attn")(h)
     x = x + gate_msa * h
 
     h = modulate(make_norm(self.use_rmsnorm, "norm2", self.dtype)(x).astype(x.dtype),
@@ -397,7 +402,8 @@ class FinalLayer(nn.Module):
     shift, scale = jnp.split(match_tokens(mod, x.shape[1]), 2, axis=-1)
     x = modulate(make_norm(self.use_rmsnorm, "norm_final", self.dtype)(x).astype(x.dtype),
                  shift, scale)
-    return nn.Dense(self.out_features, dtype=self.dtype, name="linear", **ZERO_INIT)(x)
+    out = nn.Dense(self.out_features, dtype=self.dtype, name="linear", **ZERO_INIT)(x)
+    return out.astype(jnp.float32)  # the model output (velocity) leaves in float32
 
 
 def block_stack(x, c, *, depth: int, first_index: int, scan: bool, remat: bool,

@@ -34,6 +34,7 @@ class LightningDiT(nn.Module):
   wo_shift: bool = False
   use_gembed: bool = True
   dtype: Any = jnp.float32
+  attention_impl: str = "auto"  # xla | cudnn | splash | auto (models/attention.py)
   remat: bool = False
   scan_layers: bool = False
 
@@ -69,7 +70,7 @@ class LightningDiT(nn.Module):
         scan_name="blocks", hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
         use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu, use_rmsnorm=self.use_rmsnorm,
         wo_shift=self.wo_shift, rope_grid=grid if self.use_rope else 0, xavier=True,
-        dtype=self.dtype)
+        dtype=self.dtype, attention_impl=self.attention_impl)
     z = layers.FinalLayer(d, p * p * self.out_channels, use_rmsnorm=self.use_rmsnorm,
                           dtype=self.dtype, name="final_layer")(z, cond)
     out = layers.unpatchify(z, p, grid, self.out_channels)

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rae_jax.models.attention import dot_product_attention
+
 Dtype = Any
 
 ACTIVATIONS = {
@@ -40,6 +42,7 @@ class Attention(nn.Module):
   num_heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -51,9 +54,7 @@ class Attention(nn.Module):
     q = dense("q", self.qkv_bias)(x).reshape(b, n, self.num_heads, d)
     k = dense("k", self.qkv_bias)(x).reshape(b, n, self.num_heads, d)
     v = dense("v", self.qkv_bias)(x).reshape(b, n, self.num_heads, d)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(d)).astype(q.dtype)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, c)
+    out = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, n, c)
     return dense("o", True)(out)
 
 
@@ -78,6 +79,7 @@ class ViTBlock(nn.Module):
   qkv_bias: bool = True
   layerscale_init: Optional[float] = None
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -90,7 +92,7 @@ class ViTBlock(nn.Module):
       return y * gamma.astype(y.dtype)
 
     y = layer_norm(self.layer_norm_eps, "norm1", dtype=self.dtype)(x)
-    y = Attention(self.num_heads, self.qkv_bias, self.dtype, name="attn")(y)
+    y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(y)
     x = x + scale("ls1", y)
     y = layer_norm(self.layer_norm_eps, "norm2", dtype=self.dtype)(x)
     y = Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)

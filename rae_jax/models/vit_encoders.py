@@ -43,9 +43,11 @@ def _grid_pos(pos: jnp.ndarray, grid: tuple[int, int], pixels: tuple[int, int], 
   return out.reshape(grid[0] * grid[1], c)
 
 
-def _blocks(x, n_layers, heads, mlp_dim, eps, act, qkv_bias, layerscale, dtype):
+def _blocks(x, n_layers, heads, mlp_dim, eps, act, qkv_bias, layerscale, dtype,
+            attention_impl="auto"):
   for i in range(n_layers):
-    x = ViTBlock(heads, mlp_dim, eps, act, qkv_bias, layerscale, dtype, name=f"blocks_{i}")(x)
+    x = ViTBlock(heads, mlp_dim, eps, act, qkv_bias, layerscale, dtype, attention_impl,
+                 name=f"blocks_{i}")(x)
   return x
 
 
@@ -64,6 +66,7 @@ class Dinov2RegEncoder(nn.Module):
   use_swiglu_ffn: bool = False
   normalize: bool = True  # Dinov2withNorm(normalize=True): final LayerNorm without affine
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -83,7 +86,7 @@ class Dinov2RegEncoder(nn.Module):
     x = jnp.concatenate([first, regs, tokens], axis=1)
     x = _blocks(x, self.num_hidden_layers, self.num_attention_heads, int(c * self.mlp_ratio),
                 self.layer_norm_eps, self.hidden_act, self.qkv_bias, self.layerscale_value,
-                self.dtype)
+                self.dtype, self.attention_impl)
     x = layer_norm(self.layer_norm_eps, "final_norm", affine=not self.normalize,
                    dtype=self.dtype)(x)
     return x[:, 1 + self.num_register_tokens:]
@@ -99,6 +102,7 @@ class SiglipEncoder(nn.Module):
   layer_norm_eps: float = 1e-6
   hidden_act: str = "gelu_pytorch_tanh"
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -109,7 +113,7 @@ class SiglipEncoder(nn.Module):
     pos = self.param("position_embedding", nn.initializers.normal(1.0), (n_pos, c))
     tokens = tokens + _grid_pos(pos, (h // p, w // p), (h, w), "bicubic")[None].astype(tokens.dtype)
     x = _blocks(tokens, self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                self.layer_norm_eps, self.hidden_act, True, None, self.dtype)
+                self.layer_norm_eps, self.hidden_act, True, None, self.dtype, self.attention_impl)
     return layer_norm(self.layer_norm_eps, "final_norm", affine=False, dtype=self.dtype)(x)
 
 
@@ -124,6 +128,7 @@ class MAEEncoder(nn.Module):
   hidden_act: str = "gelu"
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -139,7 +144,8 @@ class MAEEncoder(nn.Module):
     first = jnp.broadcast_to((cls + pos[:, :1]).astype(tokens.dtype), (b, 1, c))
     x = jnp.concatenate([first, tokens], axis=1)
     x = _blocks(x, self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                self.layer_norm_eps, self.hidden_act, self.qkv_bias, None, self.dtype)
+                self.layer_norm_eps, self.hidden_act, self.qkv_bias, None, self.dtype,
+                self.attention_impl)
     x = layer_norm(self.layer_norm_eps, "final_norm", affine=False, dtype=self.dtype)(x)
     return x[:, 1:]
 

@@ -30,8 +30,20 @@ STATS_FILE = os.path.join("stats", "stat.npz")
 _MODEL_CLASSES = {"DiTDH": DiTDH, "DiTwDDTHead": DiTDH, "LightningDiT": LightningDiT}
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def compute_dtype(config: mlc.ConfigDict):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+  """Matmul/conv/attention dtype; params, optimizer state, EMA and losses stay float32."""
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; valid: "
+                     f"{sorted(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[config.compute_dtype]
+
+
+def attention_impl(config: mlc.ConfigDict) -> str:
+  """config.model.attention_impl: the kernel of every transformer (encoder, decoder, DiT, disc)."""
+  return config.model.get("attention_impl", "auto")
 
 
 def decoder_config_dict(config: mlc.ConfigDict) -> dict:
@@ -76,9 +88,11 @@ def build_rae(config: mlc.ConfigDict, workdir: str, *, with_stats: bool = True,
   if rae.encoder.patch_size != enc.patch_size:
     raise ValueError(f"config.encoder.patch_size={enc.patch_size} but the loaded encoder "
                      f"{enc.path!r} has patch size {rae.encoder.patch_size}")
-  if config.decoder.remat:
-    rae = RAE(rae.encoder, rae.decoder.clone(remat=True), rae.encoder_input_size, rae.image_mean,
-              rae.image_std, rae.noise_tau, rae.eps)
+  impl = attention_impl(config)
+  if config.decoder.remat or impl != "auto":
+    rae = RAE(rae.encoder.clone(attention_impl=impl),
+              rae.decoder.clone(remat=bool(config.decoder.remat), attention_impl=impl),
+              rae.encoder_input_size, rae.image_mean, rae.image_std, rae.noise_tau, rae.eps)
   return rae, variables
 
 

@@ -177,7 +177,8 @@ def load_lpips_folder(folder: str) -> dict:
   return load_lpips_params(trunks[0], lin)
 
 
-def build_discriminator(d_cfg: mlc.ConfigDict) -> DinoDiscriminator:
+def build_discriminator(d_cfg: mlc.ConfigDict, dtype=jnp.float32,
+                        attention_impl: str = "auto") -> DinoDiscriminator:
   """DinoDisc from config.stage1.disc; optional fields (tests, ablations) read with .get:
   key_depths, norm_eps, recipe_overrides (e.g. a tiny ViT: dict(depth=2, embed_dim=32, ...))."""
   overrides = d_cfg.get("recipe_overrides", None)
@@ -188,7 +189,8 @@ def build_discriminator(d_cfg: mlc.ConfigDict) -> DinoDiscriminator:
                            ks=int(d_cfg.ks), norm_type=d_cfg.norm_type,
                            use_spectral_norm=bool(d_cfg.using_spec_norm),
                            norm_eps=float(d_cfg.get("norm_eps", 1e-6)),
-                           recipe_overrides=dict(overrides) if overrides else None)
+                           recipe_overrides=dict(overrides) if overrides else None,
+                           dtype=dtype, attention_impl=attention_impl)
 
 
 def _dummy_image():
@@ -456,7 +458,8 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
     frozen["lpips"] = lpips_params
   disc = disc_sched = None
   if settings.gan_on:
-    disc = build_discriminator(s1.disc)
+    disc = build_discriminator(s1.disc, builders.compute_dtype(config),
+                               builders.attention_impl(config))
     frozen["dino"] = frozen_dino_params(disc, s1.disc, jax.random.fold_in(init_key, 2))
     disc_sched = common.optimizer(s1.disc.optim, len(source), gb)
 

@@ -1,0 +1,120 @@
+"""Selectable attention kernels: xla parity on CPU, splash through Pallas interpret mode, clear
+errors for kernels forced on the wrong backend, and the field reaching every transformer."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rae_jax.models import attention
+from rae_jax.models.ditdh import DiTDH
+from rae_jax.models.lightning_dit import LightningDiT
+from rae_jax.models.decoder import ViTDecoder
+from rae_jax.models.vit_encoders import build_encoder
+from rae_jax.losses.discriminator import DinoDiscriminator
+
+
+def _naive(q, k, v):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _qkv(shape, dtype=jnp.float32, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in ks)
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_xla_matches_float64_softmax(impl):
+  q, k, v = _qkv((2, 17, 3, 16))
+  out = attention.dot_product_attention(q, k, v, impl=impl)
+  np.testing.assert_allclose(out, _naive(q, k, v), rtol=2e-5, atol=2e-6)
+
+
+def test_bf16_softmax_statistics_are_float32():
+  # 300 keys with near-equal logits: a bf16 softmax (8-bit mantissa) would sum to 1 +- ~1e-2,
+  # float32 statistics keep the result within bf16 rounding of the float64 reference.
+  q, k, v = _qkv((1, 300, 2, 64), seed=1)
+  ref = _naive(q, k, v)
+  out = attention.dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), impl="xla")
+  assert out.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max()
+  assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("n", [128, 70])  # 70: padded to one 128 block, pad masked by segments
+def test_splash_kernel_interpret_matches_xla(n):
+  q, k, v = _qkv((2, n, 2, 64), seed=2)
+  out = attention.dot_product_attention(q, k, v, impl="splash", interpret=True)
+  ref = attention.dot_product_attention(q, k, v, impl="xla")
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_splash_gradient_interpret_matches_xla():
+  q, k, v = _qkv((1, 128, 2, 64), seed=3)
+  loss = lambda impl, *a: jnp.sum(jnp.sin(attention.dot_product_attention(
+      *a, impl=impl, interpret=impl == "splash")))
+  g_s = jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2))(q, k, v)
+  g_x = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_s, g_x):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_forced_kernels_fail_on_cpu_with_a_reason():
+  q, k, v = _qkv((1, 8, 2, 16))
+  with pytest.raises(ValueError, match="cudnn.*CUDA GPU.*'cpu'"):
+    attention.dot_product_attention(q, k, v, impl="cudnn")
+  with pytest.raises(ValueError, match="splash.*TPU.*'cpu'"):
+    attention.dot_product_attention(q, k, v, impl="splash")
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    attention.dot_product_attention(q, k, v, impl="flash")
+
+
+def test_resolve_rules_per_backend():
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert attention.resolve("auto", bf16, 64, "gpu") == "cudnn"
+  assert attention.resolve("auto", f32, 64, "gpu") == "xla"  # cuDNN flash is half-precision only
+  assert attention.resolve("auto", bf16, 72, "gpu") == "cudnn"  # ViT-XL decoder head
+  assert attention.resolve("auto", bf16, 160, "gpu") == "xla"
+  assert attention.resolve("auto", bf16, 64, "tpu") == "xla"
+  assert attention.resolve("auto", bf16, 64, "cpu") == "xla"
+  assert attention.resolve("splash", bf16, 64, "tpu") == "splash"
+  with pytest.raises(ValueError, match="bf16/fp16"):
+    attention.resolve("cudnn", f32, 64, "gpu")
+  with pytest.raises(ValueError, match="head_dim 12"):
+    attention.resolve("cudnn", bf16, 12, "gpu")
+
+
+def test_every_transformer_takes_attention_impl():
+  """Each model forwards its field to the kernel: forcing cudnn on CPU fails while tracing."""
+  x = jnp.ones((1, 4, 4, 8))
+  t, y = jnp.full((1,), 0.3), jnp.zeros((1,), jnp.int32)
+  img = jnp.ones((1, 16, 16, 3))
+  cases = [
+      (lambda impl: DiTDH(input_size=4, in_channels=8, hidden_size=(32, 48), depth=(1, 1),
+                          num_heads=(2, 2), num_classes=3, attention_impl=impl), (x, t, y)),
+      (lambda impl: LightningDiT(input_size=4, in_channels=8, hidden_size=32, depth=1,
+                                 num_heads=2, num_classes=3, attention_impl=impl), (x, t, y)),
+      (lambda impl: ViTDecoder(hidden_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                               decoder_num_attention_heads=2, decoder_intermediate_size=64,
+                               patch_size=4, num_patches=16, attention_impl=impl),
+       (jnp.ones((1, 16, 8)),)),
+      (lambda impl: build_encoder("toy_vit", hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64, patch_size=8,
+                                  image_size=16, attention_impl=impl), (img,)),
+      (lambda impl: build_encoder("dinov2_reg", hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, patch_size=8, image_size=16,
+                                  attention_impl=impl), (img,)),
+      (lambda impl: DinoDiscriminator(recipe_overrides=dict(depth=2, embed_dim=32, num_heads=2,
+                                                            patch_size=16), key_depths=(0,),
+                                      attention_impl=impl), (img,)),
+  ]
+  key = jax.random.key(0)
+  for make, args in cases:
+    jax.eval_shape(make("xla").init, key, *args)  # traces (no compile): the field is accepted
+    with pytest.raises(ValueError, match="attention_impl='cudnn' cannot run"):
+      jax.eval_shape(make("cudnn").init, key, *args)  # ... and reaches the kernel
