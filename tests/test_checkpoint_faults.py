@@ -159,3 +159,20 @@ def test_failed_async_save_is_reported_at_next_step_boundary(tmp_path, monkeypat
   assert ck2.restored_step == 10
   ck2.close()
   assert not ckpt_lib.incomplete_checkpoints(directory)  # the partial save was cleaned up
+
+
+def test_load_params_restores_only_the_ema_subtree_into_fsdp_shardings(tmp_path):
+  """Inference reads just the EMA (no params/Adam moments), FSDP-sharded on the given mesh, and
+  falls back past a damaged newest step."""
+  from rae_jax.pipeline import weights
+  from rae_jax.train import sharding as sharding_lib
+  _save_steps(tmp_path / 'stage2', steps=(10, 15, 20))
+  _flip_4k(str(tmp_path / 'stage2' / 'checkpoints' / '20'))
+  mesh = mesh_lib.make_mesh(1, 8)
+  ema, desc = weights.load_params(str(tmp_path), 'stage2', mesh, 'ema')
+  assert set(ema) == {'w', 'b'} and 'step 15 (ema_params)' in desc, (ema.keys(), desc)
+  np.testing.assert_array_equal(np.asarray(ema['w']), np.asarray(_state(15.0).ema_params['w']))
+  want = sharding_lib.fsdp_shardings(jax.eval_shape(lambda: ema), mesh)
+  for a, s in zip(jax.tree.leaves(ema), jax.tree.leaves(want)):
+    assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
+  assert os.path.isdir(tmp_path / 'stage2' / 'checkpoints' / '20.corrupt')

@@ -78,12 +78,23 @@ def latest_checkpoint_step(workdir: str, stage: str) -> Optional[int]:
     return m.latest_step()
 
 
-def load_params(workdir: str, stage: str, mesh, which: str = "ema") -> tuple[Any, str]:
-  """Inference weights of a stage: newest complete training checkpoint, else the snapshot.
+def _partial_restore_args(abstract: dict) -> ocp.args.PyTreeRestore:
+  """Restore only the subtree in `abstract` (the rest of the checkpoint is never read)."""
+  return ocp.args.PyTreeRestore(item=abstract,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                partial_restore=True)
 
-  Restored FSDP-sharded over `mesh` whatever the layout it was saved with (so a run trained on
-  a pod samples on one host). which: 'ema' or 'params'. Returns (params, description).
+
+def load_params(workdir: str, stage: str, mesh, which: str = "ema") -> tuple[Any, str]:
+  """Inference weights of a stage: newest intact training checkpoint, else the snapshot.
+
+  Only the requested subtree (EMA or params) is read, straight into FSDP shardings over `mesh`
+  whatever the layout it was saved with (so a run trained on a pod samples on one host): the
+  other weights and the Adam moments are never loaded. Its checksums are verified; a damaged
+  newest step is moved aside and the previous one used. which: 'ema' or 'params'.
+  Returns (params, description).
   """
+  from rae_jax.train import checkpoint as ckpt_lib
   from rae_jax.train import sharding as sharding_lib
   if which not in ("ema", "params"):
     raise ValueError(f"which={which!r}: use 'ema' or 'params'")
@@ -95,21 +106,32 @@ def load_params(workdir: str, stage: str, mesh, which: str = "ema") -> tuple[Any
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
                         shard)
 
-  step = latest_checkpoint_step(workdir, stage)
-  if step is not None:
-    d = os.path.abspath(checkpoint_dir(workdir, stage))
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler()}
+  d = os.path.abspath(checkpoint_dir(workdir, stage))
+  if latest_checkpoint_step(workdir, stage) is not None:
+    handlers = {**ckpt_lib.item_handlers(), "state": ocp.PyTreeCheckpointHandler()}
     with ocp.CheckpointManager(d, item_handlers=handlers) as m:
-      meta = dict(m.item_metadata(step)["state"])
-      abstract = abstract_of(meta)
-      state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return state["state"][key], f"{d} step {step} ({key})"
+
+      def restore_step(step):
+        meta = m.item_metadata(step)["state"]
+        if meta is None or key not in meta:
+          raise ckpt_lib.DamagedCheckpoint(f"{d}/{step}: no '{key}' in the state metadata")
+        abstract = {key: abstract_of(dict(meta)[key])}
+        out = m.restore(step, args=ocp.args.Composite(state=_partial_restore_args(abstract),
+                                                      integrity=ocp.args.JsonRestore()))
+        sums = dict(out.get("integrity") or {}).get("state")
+        if sums:
+          ckpt_lib.verify(out["state"], sums, f"checkpoint step {step} in {d}")
+        return out["state"][key]
+
+      steps = list(m.all_steps())
+      if steps:
+        step, params = ckpt_lib.restore_newest_intact(d, steps, restore_step, m.reload)
+        return params, f"{d} step {step} ({key})"
   if has_weights(workdir, stage):
-    d = os.path.abspath(os.path.join(weights_dir(workdir, stage), "tree"))
-    with ocp.StandardCheckpointer() as ckptr:
-      abstract = abstract_of(dict(ckptr.metadata(d).item_metadata))
-      tree = ckptr.restore(d, abstract)
+    t = os.path.abspath(os.path.join(weights_dir(workdir, stage), "tree"))
+    with ocp.PyTreeCheckpointer() as ckptr:
+      abstract = {key: abstract_of(dict(ckptr.metadata(t).item_metadata)[key])}
+      tree = ckptr.restore(t, args=_partial_restore_args(abstract))
     return tree[key], f"{weights_dir(workdir, stage)} ({key})"
   raise FileNotFoundError(
       f"no weights for '{stage}' in {workdir}: neither {checkpoint_dir(workdir, stage)} nor "
