@@ -7,6 +7,8 @@
 Every mode resumes from what <workdir> already holds.
 """
 import logging as pylogging
+import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -29,11 +31,28 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
 
 
+def failure_sentence(mode: str, error: BaseException) -> str:
+  """One line naming the cause: our errors already name the file/field/step; others get their
+  type and first line."""
+  text = str(error).strip()
+  first = text.splitlines()[0] if text else ""
+  return f"rae-jax --mode={mode} failed: {type(error).__name__}: {first}"
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  try:
+    modes.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except (KeyboardInterrupt, SystemExit):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    sys.stderr.flush()
+    # Last line of the log: the cause in one sentence.
+    print(failure_sentence(_MODE.value, e), file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

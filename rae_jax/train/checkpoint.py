@@ -328,7 +328,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: Optional[dict] = None,
            config: Optional[dict] = None, *, force: bool = False) -> bool:
     """Starts a save (async unless configured otherwise); call on every process."""
-    self.check()
+    if self._pending is not None:
+      self.wait()  # orbax would wait for it anyway; this attributes its failure to its step
     integrity = {'state': checksums(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(dict(data_state or {})),
@@ -346,14 +347,8 @@ class Checkpointer:
   def check(self) -> None:
     """Raises SaveFailed if the last async save has finished with an error. Cheap (no wait
     while a save is still running): the train loop calls it at every step boundary."""
-    if self._pending is None or self.manager.is_saving_in_progress():
-      return
-    step, self._pending = self._pending, None
-    try:  # The save has finished: this returns at once, raising the save thread's error.
-      self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      raise SaveFailed(f'checkpoint save of step {step} in {self.directory} failed: '
-                       f'{describe_error(e, self.directory)}; earlier checkpoints are intact') from e
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()  # The save has finished: returns at once, raising its error if any.
 
   def restore(self, target: Any, step: Optional[int] = None) -> tuple[Any, dict, dict]:
     """Restores (state, data_state, config); `target` is a state or abstract state whose
@@ -392,14 +387,14 @@ class Checkpointer:
     return restored['state'], dict(restored['data'] or {}), dict(restored['config'] or {})
 
   def wait(self):
-    """Blocks until the pending save is written; raises SaveFailed if it failed."""
+    """Blocks until the pending save is written; raises SaveFailed (naming its step) if it
+    failed."""
+    step, self._pending = self._pending, None
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      step, self._pending = self._pending, None
       raise SaveFailed(f'checkpoint save of step {step} in {self.directory} failed: '
                        f'{describe_error(e, self.directory)}; earlier checkpoints are intact') from e
-    self.check()
 
   def close(self):
     """Waits for the pending save and stops orbax's threads. Idempotent; safe in a finally."""

@@ -1,0 +1,24 @@
+"""main.py with an injected disk-full error: the async save of step $RAE_FAIL_SAVE_STEP fails
+when it is committed (as ENOSPC would), for the fault-injection tests."""
+import errno
+import os
+import pathlib
+import runpy
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+if os.environ.get('RAE_FAIL_SAVE_STEP'):
+  from orbax.checkpoint._src.path import atomicity
+  _marker = f"{os.environ['RAE_FAIL_SAVE_STEP']}.orbax-checkpoint-tmp"
+  _original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def _finalize(self, *args, **kwargs):
+    if _marker in str(vars(self)):
+      raise OSError(errno.ENOSPC, 'No space left on device (injected)')
+    return await _original(self, *args, **kwargs)
+  atomicity.AtomicRenameTemporaryPath.finalize = _finalize
+
+sys.path.insert(0, str(REPO))
+sys.argv = [str(REPO / 'main.py')] + sys.argv[1:]
+runpy.run_path(str(REPO / 'main.py'), run_name='__main__')
