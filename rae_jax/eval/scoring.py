@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import threading
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -137,20 +138,63 @@ def array_reader(images: np.ndarray) -> Reader:
   return lambda idx: images[idx]
 
 
-def source_reader(source, num_threads: int = 4) -> Reader:
+class SourceReader:
   """Reads `source[i] -> (uint8 image, label)` on a few threads (PIL decode drops the GIL).
 
   Index-exact over the whole source, unlike DataIterator, which drops the last partial batch
-  (fine for training, wrong for statistics of a fixed image set)."""
-  if getattr(source, "kind", "image") != "image":
-    raise ValueError("image statistics need an image source, got a latent cache "
-                     "(set data.source to 'tfds', 'image_folder' or 'synthetic')")
-  pool = concurrent.futures.ThreadPoolExecutor(max(int(num_threads), 1))
+  (fine for training, wrong for statistics of a fixed image set). Unreadable examples follow
+  the training policy: replaced by the next readable index, the file named in the log once,
+  and counted (`num_skipped`: distinct bad examples met by this process)."""
 
-  def read(idx):
-    images = list(pool.map(lambda i: source[int(i)][0], idx))
-    return np.stack([np.asarray(im) for im in images])
-  return read
+  def __init__(self, source, num_threads: int = 4, max_consecutive_failures: int = 100):
+    if getattr(source, "kind", "image") != "image":
+      raise ValueError("image statistics need an image source, got a latent cache "
+                       "(set data.source to 'tfds', 'image_folder' or 'synthetic')")
+    self.source = source
+    self.max_consecutive_failures = max_consecutive_failures
+    self.pool = concurrent.futures.ThreadPoolExecutor(max(int(num_threads), 1))
+    self.bad: dict[int, str] = {}
+    self._lock = threading.Lock()
+
+  @property
+  def num_skipped(self) -> int:
+    with self._lock:
+      return len(self.bad)
+
+  def _one(self, index: int) -> np.ndarray:
+    n = len(self.source)
+    for attempt in range(min(self.max_consecutive_failures, n)):
+      i = (index + attempt) % n
+      if i in self.bad:
+        continue
+      try:
+        return np.asarray(self.source[i][0])
+      except Exception as e:  # pylint: disable=broad-except
+        with self._lock:
+          first = i not in self.bad
+          self.bad[i] = f"{type(e).__name__}: {e}"
+        if first:
+          describe = getattr(self.source, "describe", None)
+          logging.warning("eval data: skipping unreadable example %d (%s): %s: %s", i,
+                          describe(i) if describe else f"example {i}", type(e).__name__, e)
+    raise RuntimeError(f"eval data: {min(self.max_consecutive_failures, n)} consecutive unreadable "
+                       f"examples from index {index}; last error: {self.bad.get(i)}")
+
+  def __call__(self, idx) -> np.ndarray:
+    return np.stack(list(self.pool.map(self._one, [int(i) for i in idx])))
+
+
+def source_reader(source, num_threads: int = 4) -> SourceReader:
+  return SourceReader(source, num_threads)
+
+
+def total_skipped(reader) -> int:
+  """Bad examples met by all processes (each counts its own rows)."""
+  n = int(getattr(reader, "num_skipped", 0))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    n = int(np.sum(multihost_utils.process_allgather(np.int64(n))))
+  return n
 
 
 # --------------------------------------------------------------------------- references
@@ -165,13 +209,15 @@ class Reference:
   pool3_complete: bool = False  # mu/sigma are exactly the statistics of `pool3`
 
 
-def save_stats(path: str, features: Features, *, is_random: bool, source: str) -> str:
+def save_stats(path: str, features: Features, *, is_random: bool, source: str,
+               num_skipped: int = 0) -> str:
   """ADM-style reference file: mu, sigma (float64) and pool3 activations, plus provenance."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.npz"
   np.savez(tmp, mu=features.stats.mu, sigma=features.stats.sigma,
            pool3=features.pool3.astype(np.float32), num_images=np.int64(features.n),
-           random_inception=np.bool_(is_random), source=np.str_(source))
+           random_inception=np.bool_(is_random), source=np.str_(source),
+           num_skipped=np.int64(num_skipped))
   os.replace(tmp, path)
   return path
 

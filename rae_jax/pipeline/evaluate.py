@@ -149,15 +149,19 @@ def run_fid_stats(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> str:
   scorer = scoring.Scorer.from_config(config, mesh)
   n = len(source)
   logging.info("fid_stats: Inception features of %d images of %s", n, config.data.source)
-  feats = scoring.extract(scorer, scoring.source_reader(source, config.data.num_threads), n,
-                          max_kept=config.eval.num_samples)
+  reader = scoring.source_reader(source, config.data.num_threads)
+  feats = scoring.extract(scorer, reader, n, max_kept=config.eval.num_samples)
+  skipped = scoring.total_skipped(reader)
   path = os.path.join(eval_dir(workdir), FID_STATS)
   if common.is_main():
     desc = f"{config.data.source}:{config.data.tfds_name if config.data.source == 'tfds' else ''}"
     scoring.save_stats(path, feats, is_random=scorer.is_random,
-                       source=f"{desc}{config.data.path}:{config.data.split}")
-    logging.info("fid_stats: %s%d images -> %s",
-                 f"[{scoring.RANDOM_LABEL}] " if scorer.is_random else "", n, path)
+                       source=f"{desc}{config.data.path}:{config.data.split}",
+                       num_skipped=skipped)
+    scoring.write_json(os.path.join(eval_dir(workdir), "fid_stats_metrics.json"),
+                       {"num_images": n, "num_skipped": skipped, "path": path})
+    logging.info("fid_stats: %s%d images (%d unreadable, replaced) -> %s",
+                 f"[{scoring.RANDOM_LABEL}] " if scorer.is_random else "", n, skipped, path)
   return path
 
 
@@ -174,9 +178,10 @@ def run_eval_recon(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> dict[s
                      f"data.image_size={config.data.image_size}")
   n = recon.default_num_images(config.eval.num_samples, len(source))
   scorer = scoring.Scorer.from_config(config, mesh)
-  m = recon.evaluate_reconstruction(rae, rae_vars, scoring.source_reader(
-      source, config.data.num_threads), n, scorer)
-  m.update(split=data_cfg.split, source=config.data.source)
+  reader = scoring.source_reader(source, config.data.num_threads)
+  m = recon.evaluate_reconstruction(rae, rae_vars, reader, n, scorer)
+  m.update(split=data_cfg.split, source=config.data.source,
+           num_skipped=scoring.total_skipped(reader))
   scoring.write_json(os.path.join(eval_dir(workdir), "recon_metrics.json"), m)
   logging.info("eval_recon: %s", recon.recon_metrics_line(m))
   return m
