@@ -6,8 +6,9 @@ padding masked out), batch-sharded over the mesh, each process reading only its 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,46 @@ from rae_jax.pipeline import builders, common
 from rae_jax.train import mesh as mesh_lib
 
 LATENT_CACHE = "latents"
+FINGERPRINT = "fingerprint.json"
+COMPLETE = "COMPLETE.json"
+
+
+def fingerprint(config: mlc.ConfigDict) -> dict:
+  """What a latent pass depends on: encoder, data (source, path, split, image size, size), the
+  seed (flips, toy encoder init) and the compute dtype. A match means the result is reusable."""
+  data = {k: v for k, v in config.data.to_dict().items()
+          if k not in ("num_threads", "prefetch", "eval_split")}
+  fp = {"encoder": config.encoder.to_dict(), "data": data, "seed": config.seed,
+        "compute_dtype": config.compute_dtype}
+  return json.loads(json.dumps(fp, default=str, sort_keys=True))
+
+
+def _read_json(path: str) -> Optional[dict]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_json(path: str, value: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _diff(old: Optional[dict], new: dict) -> str:
+  if old is None:
+    return "no fingerprint"
+  from rae_jax.config_checks import resume_drift  # pylint: disable=g-import-not-at-top
+  return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in resume_drift(old, new)[:5])
 
 
 def _read(source, index: int, flip: bool) -> tuple[np.ndarray, int, bool]:
@@ -37,10 +78,12 @@ def _read(source, index: int, flip: bool) -> tuple[np.ndarray, int, bool]:
 
 
 def full_pass(source, mesh, global_batch: int, flips: np.ndarray, num_threads: int = 4,
-              start_batch: int = 0) -> Iterator[tuple[int, jax.Array, np.ndarray, np.ndarray]]:
+              start_batch: int = 0, skip: Optional[Callable[[int], bool]] = None
+              ) -> Iterator[tuple[int, jax.Array, np.ndarray, np.ndarray]]:
   """Yields (batch number, global images (B,H,W,3), this process's indices, valid mask rows).
 
   Unreadable examples are masked out and counted in the log (never silently dropped).
+  skip(b): batch b is not read at all (must agree on every process).
   """
   n = len(source)
   rows = mesh_lib.process_batch_slice(mesh, global_batch)
@@ -48,6 +91,8 @@ def full_pass(source, mesh, global_batch: int, flips: np.ndarray, num_threads: i
   skipped = 0
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     for b in range(start_batch, num_batches):
+      if skip is not None and skip(b):
+        continue
       idx = np.arange(b * global_batch, (b + 1) * global_batch)[rows]
       valid = idx < n
       safe = np.where(valid, idx, n - 1)
@@ -74,6 +119,15 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
   flipped training images); we compute them exactly (Chan's parallel update in float64) where
   the official script keeps BatchNorm-style running averages.
   """
+  path = os.path.join(workdir, builders.STATS_FILE)
+  fp = fingerprint(config)
+  saved = _read_json(path + ".json")
+  if os.path.exists(path) and saved == fp:
+    logging.info("stats: %s is complete and matches this config (encoder, data, seed); reused",
+                 path)
+    return path
+  if os.path.exists(path):
+    logging.warning("stats: recomputing %s (%s)", path, _diff(saved, fp))
   mesh = common.make_mesh(config)
   rae, variables = builders.build_rae(config, workdir, with_stats=False)
   source = data_lib.make_source(config.data)
@@ -108,12 +162,12 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
   if mean is None:
     raise RuntimeError("stats: no readable example in the training set")
   var = m2 / count
-  path = os.path.join(workdir, builders.STATS_FILE)
   if common.is_main():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
     stats_io.save_stats({"mean": mean.astype(np.float32), "var": var.astype(np.float32)}, tmp)
     os.replace(tmp, path)
+    _write_json(path + ".json", fp)  # after the stats: a kill in between means "redo"
     logging.info("stats: %d examples, latent %s, mean |mu| %.4f, mean var %.4f -> %s",
                  int(count), mean.shape, np.abs(mean).mean(), var.mean(), path)
   return path
@@ -123,15 +177,40 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
   """Raw (un-normalised) encoder latents of every image and its mirror -> <workdir>/latents.
 
   Stage 2 then reads latents and normalises them with the current stats, so recomputing stats
-  never invalidates the cache. Resumable: complete shards are kept, the rest redone.
+  never invalidates the cache. Resumable: a complete cache whose fingerprint matches is reused
+  as is; an incomplete one keeps its complete shards and only the batches not yet fully cached
+  are read and encoded; a mismatched one is moved aside (latents.stale[.N]) and redone.
   """
+  directory = os.path.join(workdir, LATENT_CACHE)
+  fp = fingerprint(config)
+  saved = _read_json(os.path.join(directory, FINGERPRINT))
+  if os.path.isdir(directory) and os.listdir(directory) and saved != fp:
+    stale, k = directory + ".stale", 0
+    while os.path.exists(stale):
+      k += 1
+      stale = f"{directory}.stale.{k}"
+    if common.is_main():
+      os.rename(directory, stale)
+    _sync(f"cache_latents stale {directory}")
+    logging.warning("cache_latents: %s does not match this config (%s); moved aside to %s",
+                    directory, _diff(saved, fp), stale)
+  elif os.path.exists(os.path.join(directory, COMPLETE)):
+    logging.info("cache_latents: %s is complete and matches this config; reused", directory)
+    return directory
+  os.makedirs(directory, exist_ok=True)
+  if common.is_main():
+    _write_json(os.path.join(directory, FINGERPRINT), fp)
   mesh = common.make_mesh(config)
   rae, variables = builders.build_rae(config, workdir, with_stats=False)
   source = data_lib.make_source(config.data)
   gb = config.eval.per_device_batch * jax.device_count()
-  directory = os.path.join(workdir, LATENT_CACHE)
-  os.makedirs(directory, exist_ok=True)
   done = set(data_lib.cached_indices(directory).tolist())
+  _sync(f"cache_latents read {directory}")  # everyone saw `done` before anyone writes
+  done_mask = np.zeros(len(source), bool)
+  done_mask[[i for i in done if i < len(source)]] = True
+
+  def batch_done(b):
+    return bool(done_mask[b * gb:(b + 1) * gb].all())
   writer = data_lib.LatentCacheWriter(directory, process_index=jax.process_index())
   rep = common.replicated(mesh, variables["encoder"])
 
@@ -145,7 +224,7 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
   no_flip = np.zeros(len(source), bool)
   num_batches = -(-len(source) // gb)
   for b, images, idx, valid, labels in full_pass(source, mesh, gb, no_flip,
-                                                 config.data.num_threads):
+                                                 config.data.num_threads, skip=batch_done):
     keep = valid & ~np.isin(idx, list(done))
     z = encode_both(rep, images)
     local = np.concatenate([np.asarray(s.data) for s in sorted(
@@ -154,6 +233,9 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
       writer.append(local[keep], labels[keep], idx[keep])
     if b % 50 == 0:
       logging.info("cache_latents: batch %d/%d", b + 1, num_batches)
-  logging.info("cache_latents: %s holds %d examples", directory,
-               len(data_lib.cached_indices(directory)))
+  _sync(f"cache_latents written {directory}")
+  count = len(data_lib.cached_indices(directory))
+  if common.is_main():
+    _write_json(os.path.join(directory, COMPLETE), {"num_examples": count})
+  logging.info("cache_latents: %s holds %d examples", directory, count)
   return directory
