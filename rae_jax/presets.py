@@ -185,7 +185,8 @@ def base_config() -> mlc.ConfigDict:
       reference_npz="", inception_weights="", shard_size=1000, write_pngs=False,
       online_every_steps=0, online_num_samples=1000,
   ))
-  c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1))  # -1: all remaining devices
+  # data = fsdp = -1: fsdp = largest divisor of the device count <= max_fsdp, the rest on data.
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=-1, max_fsdp=64))
   c.checkpoint = mlc.ConfigDict(dict(every_steps=5000, keep=3, keep_period=0, async_save=True))
   c.log = mlc.ConfigDict(dict(every_steps=100, sample_every_steps=10000, tensorboard=True,
                               wandb_project=""))

@@ -87,15 +87,27 @@ class LatentIterator:
     self.step = int(state['step'])
 
 
-def build(mesh, *, lr_warmup=2, lr_end=6, accum_steps=1, model_kw=None):
-  """(model, tx, schedule, state, shardings, step_fn) for the tiny stage-2 run on `mesh`."""
+def imported_params(model, mesh):
+  """Stand-in for imported weights: global arrays in FSDP shardings (spanning every process)."""
+  from rae_jax.train import sharding as sharding_lib
+  init = init_params_fn(model)
+  shardings = sharding_lib.fsdp_shardings(jax.eval_shape(init, jax.random.PRNGKey(5)), mesh,
+                                          min_size=256)
+  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(5))
+
+
+def build(mesh, *, lr_warmup=2, lr_end=6, accum_steps=1, model_kw=None, imported=False):
+  """(model, tx, schedule, state, shardings, step_fn) for the tiny stage-2 run on `mesh`.
+
+  imported=True starts from given weights (as stage 2 from imported weights does)."""
   from rae_jax.train import mesh as mesh_lib, optim, state as state_lib, step as step_lib
   model = tiny_model(**(model_kw or {}))
   schedule = optim.lr_schedule(1e-3, 1e-4, lr_warmup, lr_end, 'linear')
   tx = optim.make_optimizer(schedule, clip_grad=1.0)
+  params = imported_params(model, mesh) if imported else None
   state, shardings = state_lib.init_train_state(
-      init_params_fn(model), tx, jax.random.PRNGKey(0), jax.random.PRNGKey(1), mesh,
-      min_size=256)
+      None if imported else init_params_fn(model), tx, jax.random.PRNGKey(0),
+      jax.random.PRNGKey(1), mesh, params=params, min_size=256)
   step_fn = step_lib.make_train_step(make_loss_fn(model), tx, 0.9, shardings,
                                      mesh_lib.batch_sharding(mesh), accum_steps,
                                      lr_schedule=schedule)
@@ -142,6 +154,7 @@ def main(argv=None):
   p.add_argument('--num_processes', type=int, default=None)
   p.add_argument('--process_id', type=int, default=None)
   p.add_argument('--out', default=None)
+  p.add_argument('--imported', action='store_true', help='start from imported weights')
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                       format='%(levelname)s %(message)s', force=True)
@@ -152,7 +165,7 @@ def main(argv=None):
   from rae_jax.train import checkpoint as ckpt_lib, loop as loop_lib
   data, fsdp = (int(v) for v in args.mesh.split(','))
   mesh = mesh_lib.make_mesh(data, fsdp)
-  _, _, _, state, _, step_fn = build(mesh)
+  _, _, _, state, _, step_fn = build(mesh, imported=args.imported)
   rows = mesh_lib.process_batch_slice(mesh, GLOBAL_BATCH)
   data_iter = LatentIterator(args.seed, rows)
   ckpt = ckpt_lib.Checkpointer(args.workdir, save_every=args.save_every, keep=2, keep_every=4)

@@ -18,7 +18,8 @@ from rae_jax.train.checkpoint import Checkpointer
 
 
 def make_mesh(config: mlc.ConfigDict):
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp,
+                            max_fsdp=config.mesh.get("max_fsdp", mesh_lib.MAX_FSDP))
   logging.info("Mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   return mesh

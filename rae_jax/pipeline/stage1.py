@@ -450,9 +450,6 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
   pretrained = rae_vars.pop("decoder") if config.decoder.pretrained else None
   rae_vars.pop("decoder", None)
 
-  def init_params(key):
-    return pretrained if pretrained is not None else rae.init_decoder(key)
-
   frozen = {"encoder": rae_vars["encoder"]}
   if lpips_params is not None:
     frozen["lpips"] = lpips_params
@@ -463,8 +460,10 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
     frozen["dino"] = frozen_dino_params(disc, s1.disc, jax.random.fold_in(init_key, 2))
     disc_sched = common.optimizer(s1.disc.optim, len(source), gb)
 
+  # A pretrained decoder is an argument of the jitted init, not a closure (no baked constants).
   state, shardings = init_train_state(
-      init_params, sched.tx, init_key, train_key, mesh,
+      rae.init_decoder if pretrained is None else None, sched.tx, init_key, train_key, mesh,
+      params=pretrained,
       init_extra=disc_extra_init(disc, disc_sched.tx) if disc is not None else None)
   builders.log_params("stage-1 decoder", state.params)
   if settings.gan_on:

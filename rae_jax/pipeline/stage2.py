@@ -118,11 +118,12 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
     logging.info("stage 2 starts from %s", desc)
 
   def init_params(key):
-    if imported is not None:
-      return imported
     return builders.init_stage2_params(model, latent_shape, key)
 
-  state, shardings = init_train_state(init_params, sched.tx, init_key, train_key, mesh)
+  # Imported weights are an argument of the jitted init: closed over, they would be baked into
+  # the executable (and several hosts refuse arrays spanning other processes).
+  state, shardings = init_train_state(None if imported is not None else init_params, sched.tx,
+                                      init_key, train_key, mesh, params=imported)
   builders.log_params("stage-2 model", state.params)
   frozen = {"encoder": rae_vars["encoder"], "stats": rae_vars.get("stats", {})}
   if from_cache:

@@ -3,6 +3,8 @@
 One mesh with axes ('data', 'fsdp') spans every device of every process. Batches are split over
 both axes (pure data parallelism across all devices); parameters are split over 'fsdp' only
 (see sharding.py), so 'data' > 1 means those groups of devices hold replicated parameter shards.
+The default bounds 'fsdp' at 64 devices (a size that divides the model widths) and puts the rest
+on 'data'; on multi-slice TPU jobs 'data' spans the slices (DCN) and 'fsdp' stays within one (ICI).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rae_jax.train import sharding as sharding_lib
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')
@@ -75,10 +79,20 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
   return True
 
 
-def mesh_shape(num_devices: int, data: int = 1, fsdp: int = -1) -> tuple[int, int]:
-  """Resolves one -1 entry so that data * fsdp == num_devices."""
+# The default mesh puts at most this many devices on 'fsdp' (see sharding.auto_fsdp_size).
+MAX_FSDP = 64
+
+
+def mesh_shape(num_devices: int, data: int = 1, fsdp: int = -1, *,
+               max_fsdp: int = MAX_FSDP) -> tuple[int, int]:
+  """Resolves -1 entries so that data * fsdp == num_devices.
+
+  data = fsdp = -1 is the default: fsdp = the largest divisor of the device count <= max_fsdp,
+  the rest on 'data' (256 devices -> 4 x 64). All devices on fsdp would leave widths like
+  1152 = 2^7 * 9 with no dimension divisible by the fsdp size, i.e. silently replicated.
+  """
   if data == -1 and fsdp == -1:
-    raise ValueError('mesh: at most one of mesh.data, mesh.fsdp may be -1.')
+    fsdp = sharding_lib.auto_fsdp_size(num_devices, max_fsdp=max_fsdp)
   if data == -1:
     if fsdp <= 0 or num_devices % fsdp:
       raise ValueError(f'mesh.fsdp={fsdp} does not divide the {num_devices} devices.')
@@ -92,15 +106,36 @@ def mesh_shape(num_devices: int, data: int = 1, fsdp: int = -1) -> tuple[int, in
   return data, fsdp
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """Multi-slice TPU jobs: devices carry slice_index (one value per ICI-connected slice)."""
+  return len({getattr(d, 'slice_index', 0) for d in devices})
+
+
 def make_mesh(data: int = 1, fsdp: int = -1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+              devices: Optional[Sequence[jax.Device]] = None, *,
+              max_fsdp: int = MAX_FSDP) -> Mesh:
   """Mesh ('data', 'fsdp') over `devices` (default: all devices of all processes).
 
-  Defaults put every device on 'fsdp'. Devices of one process stay contiguous along the
-  flattened mesh, so each process owns one contiguous slice of the global batch.
+  data = fsdp = -1 bounds fsdp (mesh_shape). On several slices the mesh is hybrid: 'fsdp' stays
+  inside a slice (parameter all-gathers on ICI) and 'data' spans slices (only the gradient
+  all-reduce crosses DCN). Devices of one process stay contiguous along the flattened mesh, so
+  each process owns one contiguous slice of the global batch.
   """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(len(devices), data, fsdp)
+  slices = num_slices(devices)
+  if slices > 1:
+    per_slice = len(devices) // slices
+    if data == -1 and fsdp == -1:
+      fsdp = sharding_lib.auto_fsdp_size(per_slice, max_fsdp=max_fsdp)
+    shape = mesh_shape(len(devices), data, fsdp, max_fsdp=max_fsdp)
+    if shape[0] % slices or per_slice % shape[1]:
+      raise ValueError(f'mesh {shape} (data, fsdp) over {slices} slices of {per_slice} devices: '
+                       'mesh.data must be a multiple of the slice count and mesh.fsdp must '
+                       'divide the devices of one slice (fsdp stays on ICI).')
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, shape[1]), (slices, 1),
+                                                devices=devices)
+    return Mesh(grid, MESH_AXES)
+  shape = mesh_shape(len(devices), data, fsdp, max_fsdp=max_fsdp)
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):

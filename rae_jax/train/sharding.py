@@ -5,7 +5,8 @@ parameter exists, and Adam moments and EMA copies get the same layout as their p
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -63,3 +64,78 @@ def describe(tree: Any) -> str:
     spec = getattr(getattr(x, 'sharding', None), 'spec', None)
     lines.append(f'{jax.tree_util.keystr(path)} {tuple(np.shape(x))} {spec}')
   return '\n'.join(lines)
+
+
+# Above this fraction of the state's bytes replicated on every device, start-up warns.
+REPLICATED_WARN_FRACTION = 0.01
+
+
+def _num_shards(sharding) -> int:
+  spec = getattr(sharding, 'spec', None)
+  if spec is None:
+    return 1
+  n = 1
+  for entry in spec:
+    for axis in (entry if isinstance(entry, tuple) else (entry,)):
+      if axis is not None:
+        n *= sharding.mesh.shape[axis]
+  return n
+
+
+def replication_report(abstract_tree: Any, shardings: Any) -> dict:
+  """Bytes of the tree: total, replicated (not split at all), and held per device."""
+  total = replicated = per_device = 0
+  largest = []
+  for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
+                          jax.tree.leaves(shardings)):
+    nbytes = int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+    shards = _num_shards(s)
+    total += nbytes
+    per_device += nbytes // shards
+    if shards == 1:
+      replicated += nbytes
+      largest.append((nbytes, jax.tree_util.keystr(path), tuple(np.shape(x))))
+  largest.sort(reverse=True)
+  return dict(total_bytes=total, replicated_bytes=replicated, per_device_bytes=per_device,
+              replicated_fraction=replicated / max(total, 1), largest_replicated=largest[:5])
+
+
+def log_replication(name: str, abstract_tree: Any, shardings: Any, *,
+                    warn_fraction: float = REPLICATED_WARN_FRACTION) -> dict:
+  """Logs replicated bytes per device at start; warns when the FSDP rule left too much whole."""
+  r = replication_report(abstract_tree, shardings)
+  msg = (f'{name}: {r["per_device_bytes"] / 2**20:.1f} MiB per device, '
+         f'{r["replicated_bytes"] / 2**20:.2f} MiB replicated on every device '
+         f'({100 * r["replicated_fraction"]:.2f}% of {r["total_bytes"] / 2**20:.1f} MiB)')
+  if r['replicated_fraction'] > warn_fraction:
+    logging.warning('%s; largest replicated arrays: %s. Choose mesh.fsdp to divide the model '
+                    'widths (e.g. a power of two <= 64) and put the other devices on mesh.data.',
+                    msg, r['largest_replicated'])
+  else:
+    logging.info(msg)
+  return r
+
+
+def auto_fsdp_size(num_devices: int, abstract_params: Optional[Any] = None, *,
+                   max_fsdp: int = 64, min_size: int = 1024,
+                   max_replicated_fraction: float = REPLICATED_WARN_FRACTION) -> int:
+  """Largest divisor of `num_devices` <= max_fsdp (that shards `abstract_params`, if given).
+
+  Widths like 1152 = 2^7 * 9 have no dimension divisible by 256, so fsdp = all devices would
+  silently replicate qkv/proj/adaLN kernels; a bounded fsdp keeps them split and the remaining
+  devices do data parallelism (whose all-reduce is cheaper than replicated weights).
+  """
+  divisors = [d for d in range(min(max_fsdp, num_devices), 0, -1) if num_devices % d == 0]
+  if abstract_params is None:
+    return divisors[0]
+  for d in divisors:
+    specs = jax.tree.map(lambda x: fsdp_spec(tuple(np.shape(x)), d, min_size=min_size),
+                         abstract_params)
+    total = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(abstract_params))
+    whole = sum(int(np.prod(np.shape(x))) for x, s in
+                zip(jax.tree.leaves(abstract_params),
+                    jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, P)))
+                if d > 1 and all(a is None for a in s))
+    if whole <= max_replicated_fraction * max(total, 1):
+      return d
+  return 1

@@ -49,22 +49,45 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, *,
                     extra=fsdp(abstract_state.extra))
 
 
-def init_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                     init_rng: jax.Array, train_rng: jax.Array, mesh: Mesh, *,
-                     init_extra: Optional[Callable[[jax.Array], dict]] = None,
-                     min_size: int = 1024) -> tuple[TrainState, TrainState]:
+def init_train_state(init_params: Optional[Callable[[jax.Array], Any]],
+                     tx: optax.GradientTransformation, init_rng: jax.Array, train_rng: jax.Array,
+                     mesh: Mesh, *, init_extra: Optional[Callable[[jax.Array], dict]] = None,
+                     params: Any = None, min_size: int = 1024) -> tuple[TrainState, TrainState]:
   """Initialises the state directly in its sharded layout (no full copy on one device).
 
-  init_params(init_rng) -> params (e.g. lambda k: model.init(k, ...)['params']). Returns
-  (state, shardings); the shardings are what make_train_step and the checkpointer need.
+  init_params(init_rng) -> params (e.g. lambda k: model.init(k, ...)['params']). Imported weights
+  go in as `params` (arrays): they are placed in their FSDP shardings and passed to the jitted
+  init as an argument. A closure would bake them into the executable as constants (the program
+  grows by the model's size) and fails on several hosts for arrays spanning other processes.
+  Returns (state, shardings); the shardings are what make_train_step and the checkpointer need.
   """
-  def create(key):
+  init, args, shardings = init_program(init_params, tx, init_rng, train_rng, mesh,
+                                       init_extra=init_extra, params=params, min_size=min_size)
+  sharding_lib.log_replication('train state', jax.eval_shape(init, *args), shardings)
+  return init(*args), shardings
+
+
+def init_program(init_params: Optional[Callable[[jax.Array], Any]],
+                 tx: optax.GradientTransformation, init_rng: jax.Array, train_rng: jax.Array,
+                 mesh: Mesh, *, init_extra: Optional[Callable[[jax.Array], dict]] = None,
+                 params: Any = None, min_size: int = 1024):
+  """(jitted init, its arguments, state shardings): init_train_state without running it."""
+  if (init_params is None) == (params is None):
+    raise ValueError('init_train_state: give exactly one of init_params (a function) and params '
+                     '(imported arrays).')
+
+  def create(key, given):
     extra = init_extra(jax.random.fold_in(key, 1)) if init_extra is not None else None
-    return create_train_state(init_params(key), tx, train_rng, extra)
-  abstract = jax.eval_shape(create, init_rng)
+    p = init_params(key) if given is None else given
+    return create_train_state(p, tx, train_rng, extra)
+  abstract = jax.eval_shape(create, init_rng, params)
   shardings = state_shardings(abstract, mesh, min_size=min_size)
-  state = jax.jit(create, out_shardings=shardings)(init_rng)
-  return state, shardings
+  rep = NamedSharding(mesh, P())
+  if params is not None:
+    params = jax.device_put(params, shardings.params)
+  init = jax.jit(create, in_shardings=(rep, None if params is None else shardings.params),
+                 out_shardings=shardings)
+  return init, (init_rng, params), shardings
 
 
 def abstract_state(state_or_fn, shardings: TrainState, *args) -> TrainState:
