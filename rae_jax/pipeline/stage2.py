@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from absl import logging
 
 from rae_jax import data as data_lib
 from rae_jax.models.layers import draw_label_drop
-from rae_jax.pipeline import builders, common, generate, images, weights
+from rae_jax.pipeline import builders, common, generate, images, loaders, weights
 from rae_jax.pipeline.latents import LATENT_CACHE
 from rae_jax.train import loop as loop_lib
 from rae_jax.train import mesh as mesh_lib
@@ -76,26 +76,9 @@ def make_step(config: mlc.ConfigDict, model, rae, transport, sched: common.Sched
                          frozen_shardings=frozen_shardings, draw_fn=draw_fn)
 
 
-def load_inference_rae(config: mlc.ConfigDict, workdir: str, mesh) -> tuple[Any, dict]:
-  """RAE with the decoder this workdir trained (stage-1 EMA) or imported, else config's file."""
-  rae, variables = builders.build_rae(config, workdir)
-  try:
-    dec, desc = weights.load_params(workdir, builders.STAGE1_DIR, mesh, "ema")
-    variables["decoder"] = dec
-    logging.info("decoder weights: %s", desc)
-  except FileNotFoundError:
-    if not config.decoder.pretrained:
-      logging.warning("No trained decoder in %s and config.decoder.pretrained is empty: images "
-                      "are decoded by a RANDOM decoder.", workdir)
-  if "stats" not in variables:
-    logging.warning("No latent stats (config.stats.path or --mode=stats): latents are used "
-                    "un-normalised.")
-  return rae, common.replicated(mesh, variables)
-
-
 def train_stage2(config: mlc.ConfigDict, workdir: str):
   mesh = common.make_mesh(config)
-  rae, rae_vars = load_inference_rae(config, workdir, mesh)
+  rae, rae_vars = loaders.load_inference_rae(config, workdir, mesh)
   model = builders.build_stage2_model(config.model, builders.compute_dtype(config))
   transport = generate.transport_for(config, rae.latent_shape)
   s2 = config.stage2
