@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from rae_jax import presets  # noqa: E402
 from rae_jax.eval import generation, scoring  # noqa: E402
-from rae_jax.pipeline import builders, generate  # noqa: E402
+from rae_jax.pipeline import builders, generate, loaders  # noqa: E402
 from rae_jax.train import mesh as mesh_lib  # noqa: E402
 
 DECODERS = {"XL": presets.vit_decoder("XL"), "B": presets.vit_decoder("B"),
@@ -96,7 +96,7 @@ def main():
                   args.repeats)
     row = [k, sampler.global_batch, n / t_gen]
     if not args.no_inception:
-      scorer = scoring.Scorer.create(mesh, "", args.per_device_batch)
+      scorer = loaders.load_scorer(mesh, "", args.per_device_batch)
       reader = scoring.array_reader(out["x"])
       t_inc = timed(lambda: scoring.extract(scorer, reader, n, max_kept=0), args.repeats)
       row += [n / t_inc, n / (t_gen + t_inc)]

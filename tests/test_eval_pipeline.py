@@ -15,7 +15,7 @@ from conftest import rel_err
 
 from rae_jax import presets
 from rae_jax.eval import generation, recon, scoring
-from rae_jax.pipeline import builders, evaluate, weights
+from rae_jax.pipeline import builders, evaluate, loaders, weights
 from rae_jax.train import mesh as mesh_lib
 
 NUM_CLASSES = 4
@@ -266,7 +266,7 @@ class _ScaleRAE:
 def test_reconstruction_metrics_sharded():
   rng = np.random.default_rng(1)
   imgs = rng.integers(0, 256, size=(11, 16, 16, 3), dtype=np.uint8)
-  scorer = scoring.Scorer.create(mesh_lib.make_mesh(), "", per_device_batch=1)
+  scorer = loaders.load_scorer(mesh_lib.make_mesh(), "", per_device_batch=1)
   reader = scoring.array_reader(imgs)
   same = recon.evaluate_reconstruction(_ScaleRAE(1.0), {}, reader, len(imgs), scorer)
   assert same["psnr"] == pytest.approx(100.0) and same["ssim"] == pytest.approx(1.0, abs=1e-6)

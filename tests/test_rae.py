@@ -7,7 +7,8 @@ from conftest import FIXTURES, rel_err
 
 from rae_jax.interop.common import StateDictError
 from rae_jax.interop.stats import load_stats, save_stats
-from rae_jax.models.rae import RAE, load_rae
+from rae_jax.interop.rae_loader import load_rae
+from rae_jax.models.rae import RAE
 
 REF = FIXTURES / "reference"
 

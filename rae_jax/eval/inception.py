@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rae_jax.interop.common import flatten, unflatten
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -258,7 +258,7 @@ def random_inception_params(key: jax.Array) -> Any:
   Scores from these are smoke tests only: callers must label them (RANDOM_WEIGHTS_WARNING,
   `rae_jax.interop.inception_weights.load_fid_inception_or_random`).
   """
-  flat = flatten(param_shapes())
+  flat = traverse_util.flatten_dict(param_shapes(), sep="/")
   total = sum(int(np.prod(v.shape)) for k, v in flat.items() if k.endswith("kernel"))
   noise = np.asarray(jax.random.normal(key, (total,), jnp.float32))
   out, offset = {}, 0
@@ -271,4 +271,4 @@ def random_inception_params(key: jax.Array) -> Any:
     gain = 1.0 if name.startswith("fc/") else 2.0  # ReLU trunk keeps its variance; fc is linear
     out[name] = jnp.asarray(noise[offset:offset + size].reshape(shape) * np.sqrt(gain / fan_in))
     offset += size
-  return unflatten(out)
+  return traverse_util.unflatten_dict(out, sep="/")

@@ -22,7 +22,6 @@ from absl import logging
 
 from rae_jax.eval import inception
 from rae_jax.eval import metrics as metrics_lib
-from rae_jax.interop import inception_weights
 from rae_jax.train import mesh as mesh_lib
 
 RANDOM_LABEL = "RANDOM INCEPTION WEIGHTS - numbers are not FID"
@@ -47,19 +46,13 @@ class Scorer:
   per_device_batch: int
 
   @classmethod
-  def create(cls, mesh, weights_path: str, per_device_batch: int) -> "Scorer":
-    params, is_random = inception_weights.load_fid_inception_or_random(
-        weights_path or None, jax.random.PRNGKey(RANDOM_INCEPTION_SEED))
+  def create(cls, mesh, params: Any, is_random: bool, per_device_batch: int) -> "Scorer":
+    """Replicates `params` on `mesh`. Reading a weights file is the caller's (interop's) job:
+    rae_jax.pipeline.loaders.load_scorer does both."""
     if is_random:
       logging.warning("%s: %s", RANDOM_LABEL, inception.RANDOM_WEIGHTS_WARNING)
-    else:
-      logging.info("FID Inception weights: %s", weights_path)
     params = jax.device_put(params, mesh_lib.replicated(mesh))
-    return cls(mesh, params, is_random, int(per_device_batch))
-
-  @classmethod
-  def from_config(cls, config, mesh) -> "Scorer":
-    return cls.create(mesh, config.eval.inception_weights, config.eval.per_device_batch)
+    return cls(mesh, params, bool(is_random), int(per_device_batch))
 
   @property
   def global_batch(self) -> int:

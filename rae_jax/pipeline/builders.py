@@ -17,9 +17,10 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax.interop.rae_loader import load_rae
 from rae_jax.models.ditdh import DiTDH
 from rae_jax.models.lightning_dit import LightningDiT
-from rae_jax.models.rae import RAE, load_rae
+from rae_jax.models.rae import RAE
 from rae_jax.models.vit_encoders import canonical_encoder_name
 
 STAGE1_DIR = "stage1"

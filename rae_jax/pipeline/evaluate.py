@@ -23,7 +23,7 @@ from absl import logging
 
 from rae_jax.data import make_source
 from rae_jax.eval import generation, recon, scoring
-from rae_jax.pipeline import builders, common, generate, images, weights
+from rae_jax.pipeline import builders, common, generate, images, loaders, weights
 
 EVAL_DIR = "eval"
 FID_STATS = "fid_stats.npz"
@@ -80,9 +80,8 @@ def _fingerprint(config: mlc.ConfigDict, workdir: str) -> dict:
 def load_generation(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema") -> dict:
   """{'generate', 'params', 'guide_params', 'rae_vars', 'rae'}: EMA stage-2 (and autoguidance
   guide) weights, stage-1 EMA decoder, placed on `mesh`; `generate` is make_generate's."""
-  from rae_jax.pipeline.sample import load_models
-  model, params, guide_model, guide_params, rae, rae_vars = load_models(config, workdir, mesh,
-                                                                        which)
+  model, params, guide_model, guide_params, rae, rae_vars = loaders.load_models(config, workdir,
+                                                                                mesh, which)
   transport = generate.transport_for(config, rae.latent_shape)
   gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
   return dict(generate=gen, params=params, guide_params=guide_params, rae_vars=rae_vars, rae=rae)
@@ -127,7 +126,7 @@ def run_eval(config: mlc.ConfigDict, workdir: str, *, mesh=None,
     if e.write_pngs:
       _write_pngs(paths, os.path.join(out, "pngs"))
 
-  scorer = scoring.Scorer.from_config(config, mesh)
+  scorer = loaders.scorer_from_config(config, mesh)
   feats = scoring.extract(scorer, generation.ShardReader(paths), len(labels),
                           max_kept=len(labels))
   reference = resolve_reference(config, workdir, scorer)
@@ -146,7 +145,7 @@ def run_fid_stats(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> str:
   the first eval.num_samples images (precision/recall) -> <workdir>/eval/fid_stats.npz."""
   mesh = mesh if mesh is not None else common.make_mesh(config)
   source = make_source(config.data)
-  scorer = scoring.Scorer.from_config(config, mesh)
+  scorer = loaders.scorer_from_config(config, mesh)
   n = len(source)
   logging.info("fid_stats: Inception features of %d images of %s", n, config.data.source)
   reader = scoring.source_reader(source, config.data.num_threads)
@@ -167,17 +166,16 @@ def run_fid_stats(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> str:
 
 def run_eval_recon(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> dict[str, Any]:
   """PSNR, SSIM and rFID of the RAE (stage-1 EMA decoder) on config.data's eval_split."""
-  from rae_jax.pipeline.stage2 import load_inference_rae
   mesh = mesh if mesh is not None else common.make_mesh(config)
   data_cfg = mlc.ConfigDict(config.data.to_dict())
   data_cfg.split = config.data.eval_split or config.data.split
   source = make_source(data_cfg)
-  rae, rae_vars = load_inference_rae(config, workdir, mesh)
+  rae, rae_vars = loaders.load_inference_rae(config, workdir, mesh)
   if rae.image_size != config.data.image_size:
     raise ValueError(f"eval_recon: decoder makes {rae.image_size}px images but "
                      f"data.image_size={config.data.image_size}")
   n = recon.default_num_images(config.eval.num_samples, len(source))
-  scorer = scoring.Scorer.from_config(config, mesh)
+  scorer = loaders.scorer_from_config(config, mesh)
   reader = scoring.source_reader(source, config.data.num_threads)
   m = recon.evaluate_reconstruction(rae, rae_vars, reader, n, scorer)
   m.update(split=data_cfg.split, source=config.data.source,
@@ -212,7 +210,7 @@ def make_online_eval_hook(config: mlc.ConfigDict, workdir: str, *, mesh, model, 
     if every <= 0 or step % every:
       return None
     if lazy["scorer"] is None:
-      lazy["scorer"] = scoring.Scorer.from_config(config, mesh)
+      lazy["scorer"] = loaders.scorer_from_config(config, mesh)
     if "reference" not in lazy:
       lazy["reference"] = resolve_reference(config, workdir, lazy["scorer"])
     s = lazy["scorer"]

@@ -8,26 +8,9 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from rae_jax.pipeline import builders, common, generate, images, weights
-from rae_jax.pipeline.stage2 import load_inference_rae
+from rae_jax.pipeline import builders, common, generate, images
+from rae_jax.pipeline.loaders import load_models
 from rae_jax.train import mesh as mesh_lib
-
-
-def load_models(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema"):
-  """(model, params, guide_model, guide_params, rae, rae_vars) for sampling and eval."""
-  dtype = builders.compute_dtype(config)
-  rae, rae_vars = load_inference_rae(config, workdir, mesh)
-  model = builders.build_stage2_model(config.model, dtype)
-  params, desc = weights.load_params(workdir, builders.STAGE2_DIR, mesh, which)
-  logging.info("stage-2 weights: %s", desc)
-  g = config.guidance
-  guide_model = guide_params = None
-  if g.method == "autoguidance" and float(g.scale) != 1.0:
-    guide_model = builders.build_stage2_model(g.guide_model, dtype)
-    params_g, desc = weights.load_params(workdir, builders.GUIDE_DIR, mesh, which)
-    guide_params = params_g
-    logging.info("autoguidance guide weights: %s (scale %.3f)", desc, g.scale)
-  return model, params, guide_model, guide_params, rae, rae_vars
 
 
 def requested_labels(config: mlc.ConfigDict) -> np.ndarray:
