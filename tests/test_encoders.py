@@ -179,3 +179,77 @@ def test_registry():
   out = jax.eval_shape(lambda x: toy.init_with_output(jax.random.PRNGKey(0), x)[0],
                        jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
   assert out.shape == (2, 64, 16)
+
+
+def _dinov3(tmp_path_factory, seed, **kw):
+  cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+             image_size=16, patch_size=4, num_register_tokens=2, layerscale_value=0.5,
+             attn_implementation="eager")
+  cfg.update(kw)
+  model = _randomise(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**cfg)), seed)
+  folder = _save(model, tmp_path_factory.mktemp(f"dinov3_{seed}"), 16)
+  _drop_final_affine(model.norm)
+  return model, folder
+
+
+@pytest.fixture(scope="module")
+def dinov3(tmp_path_factory):
+  # The release's layout: no key bias, plain GELU MLP, registers; pos_embed_rescale=2 (train only).
+  return _dinov3(tmp_path_factory, 3)
+
+
+def _dinov3_ref(model, x):
+  with torch.no_grad():  # drop CLS + registers, as the RAE wrapper does
+    return model(_nchw(x)).last_hidden_state[:, 1 + model.config.num_register_tokens:].numpy()
+
+
+# 16: the config's size; 24x20: a non-default, non-square grid (RoPE from the actual grid).
+@pytest.mark.parametrize("hw", [(16, 16), (24, 20)])
+def test_dinov3_matches_hf(dinov3, hw):
+  model, folder = dinov3
+  enc = hfe.load_hf_encoder(str(folder))  # name inferred from model_type 'dinov3_vit'
+  assert enc.name == "dinov3" and enc.input_size == 16
+  assert enc.image_mean == tuple(MEAN) and enc.image_std == tuple(STD)
+  x = _images((2, *hw, 3), 4)
+  ref = _dinov3_ref(model, x)
+  out = jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x))
+  assert out.shape == ref.shape == (2, hw[0] // 4 * (hw[1] // 4), 32)
+  assert rel_err(out, ref) <= 1e-5
+
+
+def test_dinov3_swiglu_biases_no_registers_match_hf(tmp_path_factory):
+  # The larger checkpoints' options: gated SiLU MLP, key bias on, no MLP bias, no registers.
+  model, folder = _dinov3(tmp_path_factory, 5, use_gated_mlp=True, hidden_act="silu",
+                          key_bias=True, mlp_bias=False, num_register_tokens=0, rope_theta=50.0)
+  enc = hfe.load_hf_encoder(str(folder), "dinov3")
+  x = _images((2, 20, 20, 3), 5)
+  assert rel_err(jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x)),
+                 _dinov3_ref(model, x)) <= 1e-5
+
+
+def test_dinov3_names_round_trip_and_module_layout(dinov3):
+  # Hub files name layers 'layer.{i}.', transformers>=5 modules 'model.layer.{i}.': both load to
+  # the same params, and export writes the hub names back bit-exactly.
+  model, folder = dinov3
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  hub = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in sd.items()}
+  module = build_encoder("dinov3", json.loads((folder / "config.json").read_text()))
+  a, b = hfe.params_from_hf("dinov3", module, sd), hfe.params_from_hf("dinov3", module, hub)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  back = hfe.params_to_hf("dinov3", module, a)
+  assert "layer.1.mlp.down_proj.weight" in back and "layer.0.attention.k_proj.bias" not in back
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, hub[k])
+  del hub["layer.1.layer_scale2.lambda1"]
+  with pytest.raises(StateDictError, match=r"missing key 'layer\.1\.layer_scale2\.lambda1'"):
+    hfe.params_from_hf("dinov3", module, hub)
+
+
+def test_dinov3_registry_and_config_sizes():
+  assert canonical_encoder_name("dinov3_vit") == "dinov3"
+  # DINOv3ViTConfig allows [h, w] sizes; square ones become ints, others are refused by name.
+  assert hfe.square_sizes({"patch_size": [16, 16], "image_size": 224}, "c.json") == {
+      "patch_size": 16, "image_size": 224}
+  with pytest.raises(ValueError, match=r"c\.json: config\.json image_size=\[224, 256\]"):
+    hfe.square_sizes({"image_size": [224, 256]}, "c.json")

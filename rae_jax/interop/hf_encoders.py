@@ -1,9 +1,11 @@
-"""Load the frozen HF encoders (DINOv2-reg, SigLIP2, MAE) from a hub id or a local HF folder.
+"""Load the frozen HF encoders (DINOv2-reg, DINOv3, SigLIP2, MAE) from a hub id or a local folder.
 
 A folder needs config.json, weights (model.safetensors, a sharded safetensors index, or
 pytorch_model.bin) and preprocessor_config.json (image mean/std and input size, as the official
 RAE reads them through AutoImageProcessor). Checkpoints may carry wrapper prefixes
 (`vision_model.` for SiglipModel, `vit.` for ViTMAEForPreTraining); we find and strip them.
+DINOv3 layers are `layer.{i}.` on the hub and `model.layer.{i}.` in transformers>=5 modules; both
+load, and export writes the hub form.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ _WEIGHT_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors",
                     "model.safetensors.index.json", "pytorch_model.bin"]
 # model_type in config.json -> our encoder name
 _MODEL_TYPES = {"dinov2_with_registers": "dinov2_reg", "siglip": "siglip2",
-                "siglip_vision_model": "siglip2", "vit_mae": "mae"}
+                "siglip_vision_model": "siglip2", "vit_mae": "mae", "dinov3_vit": "dinov3"}
 # A key that exists in every checkpoint of that family, used to detect the wrapper prefix.
 _PROBE = {"dinov2_reg": "embeddings.patch_embeddings.projection.weight",
           "mae": "embeddings.patch_embeddings.projection.weight",
+          "dinov3": "embeddings.patch_embeddings.weight",
           "siglip2": "embeddings.patch_embedding.weight"}
 _PREFIXES = ("", "vision_model.", "vit.", "dinov2_with_registers.", "model.")
 
@@ -137,6 +140,15 @@ def encoder_table(name: str, module) -> list[vn.Entry]:
       t += vn.block(f"blocks_{i}", f"encoder.layer.{i}", names, module.qkv_bias)
     if name == "dinov2_reg" and not module.normalize:
       t += vn.norm("final_norm", "layernorm")
+  elif name == "dinov3":
+    t += vn.conv("patch_embed", "embeddings.patch_embeddings")
+    t.append(("cls_token", "embeddings.cls_token", "same"))
+    if module.num_register_tokens:
+      t.append(("register_tokens", "embeddings.register_tokens", "same"))
+    for i in range(module.num_hidden_layers):
+      t += vn.dinov3_block(f"blocks_{i}", f"layer.{i}", module)
+    if not module.normalize:
+      t += vn.norm("final_norm", "norm")
   elif name == "siglip2":
     t += vn.conv("patch_embed", "embeddings.patch_embedding")
     t.append(("position_embedding", "embeddings.position_embedding.weight", "same"))
@@ -164,9 +176,11 @@ def _strip_prefix(state_dict: Mapping, probe: str, source: str) -> dict:
 
 def params_from_hf(name: str, module, state_dict: Mapping, source: str = "HF checkpoint"):
   """HF state_dict -> our nested params; the final layernorm affine is dropped like the wrappers
-  (kept only for dinov2_reg with normalize=False, as Dinov2withNorm(normalize=False))."""
+  (kept only for dinov2_reg / dinov3 with normalize=False, as Dinov2withNorm(normalize=False))."""
   name = canonical_encoder_name(name)
   sd = _strip_prefix(state_dict, _PROBE["mae" if name == "toy_vit" else name], source)
+  if name == "dinov3":  # transformers>=5 module names -> hub checkpoint names
+    sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in sd.items()}
   shapes = param_shapes(module, module.image_size)
   table = encoder_table(name, module)
   vn.check_table(table, shapes, name)
@@ -177,6 +191,18 @@ def params_to_hf(name: str, module, params) -> dict[str, np.ndarray]:
   """Our params -> HF keys (no final-norm affine: the wrappers never use it)."""
   name = canonical_encoder_name(name)
   return vn.export_tensors(encoder_table(name, module), flatten(params))
+
+
+def square_sizes(config: Mapping, source: str) -> dict:
+  """HF configs may give patch_size / image_size as [h, w]; our encoders take square ints."""
+  out = dict(config)
+  for k in ("patch_size", "image_size"):
+    v = out.get(k)
+    if isinstance(v, (list, tuple)):
+      if len(v) != 2 or v[0] != v[1]:
+        raise ValueError(f"{source}: config.json {k}={list(v)}; only square sizes are supported")
+      out[k] = int(v[0])
+  return out
 
 
 def infer_encoder_name(config: Mapping) -> str:
@@ -192,7 +218,7 @@ def load_hf_encoder(name_or_path: str, encoder_name: Optional[str] = None,
   """Hub id or local folder -> HFEncoder. `encoder_name` defaults to the config's model_type;
   `overrides` are module fields (e.g. normalize=False for dinov2_reg)."""
   folder = resolve_folder(name_or_path)
-  config = read_config(folder)
+  config = square_sizes(read_config(folder), str(folder / "config.json"))
   name = canonical_encoder_name(encoder_name) if encoder_name else infer_encoder_name(config)
   module = build_encoder(name, config, dtype=dtype, **overrides)
   params = params_from_hf(name, module, read_weights(folder), source=str(folder))

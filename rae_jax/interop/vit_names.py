@@ -30,6 +30,13 @@ DINOV2_BLOCK = {
     "ls1": "layer_scale1.lambda1", "norm2": "norm2", "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2",
     "ls2": "layer_scale2.lambda1",
 }
+# DINOv3ViTLayer; k has no bias in the release (key_bias=False), so biases are listed per config.
+DINOV3_BLOCK = {
+    "norm1": "norm1", "attn/q": "attention.q_proj", "attn/k": "attention.k_proj",
+    "attn/v": "attention.v_proj", "attn/o": "attention.o_proj", "ls1": "layer_scale1.lambda1",
+    "norm2": "norm2", "mlp/up": "mlp.up_proj", "mlp/down": "mlp.down_proj",
+    "ls2": "layer_scale2.lambda1",
+}
 SIGLIP_BLOCK = {
     "norm1": "layer_norm1", "attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj",
     "attn/v": "self_attn.v_proj", "attn/o": "self_attn.out_proj", "norm2": "layer_norm2",
@@ -62,6 +69,26 @@ def block(ours: str, theirs: str, names: Mapping[str, str], qkv_bias: bool = Tru
       out.append((o, t, "same"))
     else:
       out += dense(o, t, bias=qkv_bias or sub in ("attn/o", "mlp/fc1", "mlp/fc2"))
+  return out
+
+
+def dinov3_block(ours: str, theirs: str, module) -> list[Entry]:
+  """One DINOv3 layer; `module` (a Dinov3Encoder) says which biases exist and if the MLP is gated."""
+  bias = {"attn/q": module.query_bias, "attn/k": module.key_bias, "attn/v": module.value_bias,
+          "attn/o": module.proj_bias, "mlp/up": module.mlp_bias, "mlp/down": module.mlp_bias,
+          "mlp/gate": module.mlp_bias}
+  names = dict(DINOV3_BLOCK)
+  if module.use_gated_mlp:
+    names["mlp/gate"] = "mlp.gate_proj"
+  out: list[Entry] = []
+  for sub, tsub in names.items():
+    o, t = f"{ours}/{sub}", f"{theirs}.{tsub}"
+    if sub.startswith("norm"):
+      out += norm(o, t)
+    elif sub.startswith("ls"):
+      out.append((o, t, "same"))
+    else:
+      out += dense(o, t, bias=bias[sub])
   return out
 
 

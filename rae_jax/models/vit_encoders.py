@@ -5,6 +5,7 @@ a final LayerNorm WITHOUT affine (the checkpoint's weight/bias are dropped):
   dinov2_reg  Dinov2WithRegistersModel, drops CLS + register tokens (`Dinov2withNorm`)
   siglip2     SigLIP vision tower (`SiglipModel(...).vision_model`), all tokens (`SigLIP2wNorm`)
   mae         ViTMAEModel with masking disabled (identity order), drops CLS (`MAEwNorm`)
+  dinov3      DINOv3ViTModel (RoPE, registers), drops CLS + register tokens (models/dinov3.py)
   toy_vit     a tiny randomly initialised MAE-style ViT for demos/tests (no weights)
 Field defaults equal the HF config classes' defaults, so sparse config.json files (e.g. a
 SiglipModel's vision_config) build the same model. Position embeddings are interpolated to the
@@ -21,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rae_jax.models import resize as rs
+from rae_jax.models.dinov3 import Dinov3Encoder
 from rae_jax.models.vit_blocks import ViTBlock, layer_norm
 
 Dtype = Any
@@ -151,10 +153,10 @@ class MAEEncoder(nn.Module):
 
 
 ENCODERS = {"dinov2_reg": Dinov2RegEncoder, "siglip2": SiglipEncoder, "mae": MAEEncoder,
-            "toy_vit": MAEEncoder}
+            "dinov3": Dinov3Encoder, "toy_vit": MAEEncoder}
 ALIASES = {"Dinov2withNorm": "dinov2_reg", "dinov2": "dinov2_reg",
            "dinov2_with_registers": "dinov2_reg", "SigLIP2wNorm": "siglip2", "siglip": "siglip2",
-           "MAEwNorm": "mae", "vit_mae": "mae"}
+           "MAEwNorm": "mae", "vit_mae": "mae", "dinov3_vit": "dinov3"}
 # A demo-sized random encoder: 64x64 input, 8x8 grid of 64-d tokens.
 TOY_VIT_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, patch_size=8, image_size=64, layer_norm_eps=1e-6)
