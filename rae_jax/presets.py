@@ -68,6 +68,21 @@ def dinov2_b_encoder(input_size: int = 224) -> mlc.ConfigDict:
   ))
 
 
+def dinov3_b_encoder(input_size: int = 256) -> mlc.ConfigDict:
+  """Frozen DINOv3 ViT-B/16 (4 registers, RoPE), final LN without affine, CLS + registers dropped.
+
+  Patch 16 at 256px gives the same 16x16x768 latent as DINOv2-B/14 at 224px. RoPE positions are
+  computed for the actual grid, so 256 input needs no interpolation (the processor's 224 is only
+  its default resize); mean/std come from the checkpoint's preprocessor_config.json.
+  """
+  return mlc.ConfigDict(dict(
+      name="dinov3",
+      path="facebook/dinov3-vitb16-pretrain-lvd1689m",  # HF hub id (gated) or local HF folder
+      input_size=input_size,
+      hidden_size=768, depth=12, num_heads=12, patch_size=16,
+  ))
+
+
 def vit_decoder(name: str = "XL", *, patch_size: int = 16) -> mlc.ConfigDict:
   """MAE-style ViT decoders of the official configs/decoder/ViT{B,L,XL}/config.json."""
   sizes = {

@@ -15,7 +15,8 @@ def load_config(name):
   return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["demo", "stage1_dinov2b_decxl_256", "stage2_ditdh_xl_256",
+@pytest.mark.parametrize("name", ["demo", "stage1_dinov2b_decxl_256", "stage1_dinov3b_decxl_256",
+                                  "stage2_ditdh_xl_256",
                                   "stage2_ditdh_s_256", "stage2_ditdh_xl_512",
                                   "sample_ditdh_xl_256_ag", "sample_ditdh_xl_256_cfg"])
 def test_every_recipe_is_valid(name):
@@ -38,13 +39,18 @@ def test_official_values():
   s1 = load_config("stage1_dinov2b_decxl_256")
   assert s1.stage1.noise_tau == 0.8 and s1.stage1.ema_decay == 0.9978
   assert s1.decoder.decoder_hidden_size == 1152 and s1.decoder.decoder_num_hidden_layers == 28
+  v3 = load_config("stage1_dinov3b_decxl_256")  # patch 16 at 256px: 16x16x768 latents
+  assert (v3.encoder.name, v3.encoder.input_size, v3.encoder.patch_size) == ("dinov3", 256, 16)
+  assert config_checks.latent_grid(v3) == 16 == v3.model.input_size
+  assert v3.model.in_channels == 768 and v3.transport.shift_dim == 16 * 16 * 768
+  assert v3.data.image_size == 16 * v3.decoder.patch_size
   big = load_config("stage2_ditdh_xl_512")
   assert big.model.input_size == 32 and big.transport.shift_dim == 768 * 32 * 32
 
 
 @pytest.mark.parametrize("mutate, field", [
     (lambda c: setattr(c.data, "image_size", 30), "config.data.image_size"),
-    (lambda c: setattr(c.encoder, "name", "dinov3"), "config.encoder.name"),
+    (lambda c: setattr(c.encoder, "name", "dinov4"), "config.encoder.name"),
     (lambda c: setattr(c.stage2, "global_batch_size", 60), "config.stage2.global_batch_size"),
     (lambda c: setattr(c.model, "in_channels", 32), "config.model.in_channels"),
     (lambda c: setattr(c.model, "input_size", 8), "config.model.input_size"),

@@ -253,3 +253,25 @@ def test_dinov3_registry_and_config_sizes():
       "patch_size": 16, "image_size": 224}
   with pytest.raises(ValueError, match=r"c\.json: config\.json image_size=\[224, 256\]"):
     hfe.square_sizes({"image_size": [224, 256]}, "c.json")
+
+
+def test_dinov3_through_the_config_builder(dinov3, tmp_path):
+  # encoder.name='dinov3' + an HF folder through builders.build_rae, as every mode loads the RAE:
+  # mean/std from the preprocessor, CLS + registers dropped, tokens = the wrapper's (at 24px,
+  # a non-default size, after the RAE's (x - mean) / std).
+  from rae_jax import presets
+  from rae_jax.pipeline import builders
+  model, folder = dinov3
+  c = presets.base_config()
+  c.encoder = presets.dinov3_b_encoder(input_size=24)
+  c.encoder.update(path=str(folder), hidden_size=32, patch_size=4)
+  c.decoder.update(patch_size=2, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                   decoder_num_attention_heads=2, decoder_intermediate_size=32)
+  rae, variables = builders.build_rae(c, str(tmp_path), with_stats=False)
+  assert rae.latent_shape == (6, 6, 32) and rae.image_size == 12
+  assert (rae.image_mean, rae.image_std) == (tuple(MEAN), tuple(STD))
+  x = np.random.default_rng(6).uniform(size=(2, 24, 24, 3)).astype(np.float32)
+  z = jax.jit(rae.encode)(variables, jnp.asarray(x))
+  ref = _dinov3_ref(model, ((x - np.array(MEAN)) / np.array(STD)).astype(np.float32))
+  assert rel_err(np.asarray(z).reshape(2, 36, 32), ref) <= 1e-5
+  assert jax.jit(rae.decode)(variables, z).shape == (2, 12, 12, 3)
