@@ -275,3 +275,12 @@ def test_dinov3_through_the_config_builder(dinov3, tmp_path):
   ref = _dinov3_ref(model, ((x - np.array(MEAN)) / np.array(STD)).astype(np.float32))
   assert rel_err(np.asarray(z).reshape(2, 36, 32), ref) <= 1e-5
   assert jax.jit(rae.decode)(variables, z).shape == (2, 12, 12, 3)
+
+
+def test_dinov3_normalize_false_keeps_final_affine(dinov3):
+  model, folder = dinov3
+  enc = hfe.load_hf_encoder(str(folder), "dinov3", normalize=False)
+  sd = load_file(str(folder / "model.safetensors"))
+  x = _images((2, 16, 16, 3), 7)
+  ref = _dinov3_ref(model, x) * sd["norm.weight"] + sd["norm.bias"]
+  assert rel_err(jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x)), ref) <= 1e-5
