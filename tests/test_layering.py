@@ -7,7 +7,7 @@ a lazy import is still a dependency. The layers, bottom up:
   eval -> models, diffusion, train (mesh helpers)
   interop -> what it reads weights into (models, losses, eval) and train -- never pipeline
   pipeline -> all of the above;  modes (the CLI table) -> pipeline
-Root helpers: presets and atomic import nothing; config_checks -> models.
+Root helpers: presets, atomic and rae_jax/__init__ import nothing; config_checks -> models.
 """
 import ast
 import pathlib
@@ -29,6 +29,7 @@ ALLOWED = {
     "presets": set(),
     "atomic": set(),
     "modes": {"config_checks", "train", "pipeline", "presets"},
+    "__init__": set(),  # rae_jax/__init__.py: importing anything would load it for every user
 }
 # Known edges still to move, each with where it should go. The test fails when one disappears
 # (delete it here) so the list cannot go stale.
@@ -79,7 +80,7 @@ def _edges():
 
 
 def test_every_unit_has_a_rule():
-  units = {_unit(p.relative_to(ROOT)) for p in _modules()} - {"__init__"}
+  units = {_unit(p.relative_to(ROOT)) for p in _modules()}
   assert units <= set(ALLOWED), f"new top-level unit(s) {sorted(units - set(ALLOWED))}: add a rule"
 
 
