@@ -205,6 +205,8 @@ def base_config() -> mlc.ConfigDict:
   c.checkpoint = mlc.ConfigDict(dict(every_steps=5000, keep=3, keep_period=0, async_save=True))
   c.log = mlc.ConfigDict(dict(every_steps=100, sample_every_steps=10000, tensorboard=True,
                               wandb_project=""))
+  # jax.profiler trace of steps start_step..start_step+num_steps-1 into <workdir>/profile.
+  c.profile = mlc.ConfigDict(dict(start_step=-1, num_steps=3, all_processes=False))
 
   c.interop = mlc.ConfigDict(dict(
       decoder="", stage2_model="", guide_model="", stats="",  # paths or hf://repo/path

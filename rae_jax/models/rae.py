@@ -73,7 +73,9 @@ class RAE:
       images = resize_bicubic(images, (s, s))
     mean, std = self._image_stats(images.dtype)
     z = self.encoder.apply({"params": encoder_params}, (images - mean) / std)
-    return jax.lax.stop_gradient(z)
+    # Latents leave in float32 whatever the compute dtype: tau-noise, stats and the flow-matching
+    # target are computed on them.
+    return jax.lax.stop_gradient(z.astype(jnp.float32))
 
   def encode(self, variables: Mapping[str, Any], images: jnp.ndarray, *,
              rng: Optional[jax.Array] = None, noise_tau: Optional[float] = None) -> jnp.ndarray:
@@ -96,7 +98,7 @@ class RAE:
     """Latents (B,h,w,C) -> images (B,H,W,3) (unclipped, in the [0,1] image scale)."""
     on, mean, var = self._latent_stats(variables, latents.dtype)
     z = latents * jnp.sqrt(var + self.eps) + mean if on else latents
-    x = self.decoder.apply({"params": variables["decoder"]}, z)
+    x = self.decoder.apply({"params": variables["decoder"]}, z).astype(jnp.float32)
     mean_px, std_px = self._image_stats(x.dtype)
     return x * std_px + mean_px
 

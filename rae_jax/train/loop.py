@@ -19,6 +19,7 @@ import numpy as np
 
 from rae_jax import config_checks
 from rae_jax.train.checkpoint import Checkpointer, PreemptionFlag
+from rae_jax.train.profile import StepProfiler
 
 Hook = Callable[[int, Any, Optional[dict]], None]
 
@@ -169,6 +170,7 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
   t_last, step_last = time.perf_counter(), step
 
   saved = {checkpointer.latest_step()} if checkpointer is not None else set()
+  profiler = StepProfiler.from_config(config, checkpointer)  # config.profile: jax.profiler trace
 
   def save(force: bool):
     if checkpointer is None or step in saved:
@@ -178,6 +180,7 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
 
   try:
     while step < num_steps:
+      profiler.before_step(step + 1, state)
       batch = next(data_iter)
       if prepare_batch is not None:
         batch = prepare_batch(batch)
@@ -248,5 +251,6 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
         logging.error('While stopping after an error: %s', e)
     raise
   finally:
+    profiler.stop(state)
     if owns_preemption:
       preemption.uninstall()
