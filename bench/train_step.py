@@ -13,6 +13,13 @@ Rows:
              forced host devices at --per_device_batch images per device (remat on/off).
   encoder    steps/s from cached latents vs. with the frozen RAE encoder (DINOv2-B, random
              weights: speed only) inside the step, on 256px images.
+  xl_step    DiTDH-XL (256 tokens) train step at --xl_batch: step time, images/s, FLOPs, MFU.
+             bf16 on accelerators, float32 on CPU (--dtype overrides).
+  stage1_step  Stage-1 step of the ViT-XL decoder with L1 + LPIPS (VGG16) + DINO-S/8 GAN and a
+             D update at 256px, DINOv2-B-sized frozen encoder (random weights), --s1_batch.
+  s_step, xl_step and stage1_step print model FLOPs per step from compiled.cost_analysis() next
+  to the analytic count (bench/flops.py) and MFU against the device's peak (a table for TPU
+  v4/v5e/v5p/v6e, A100/H100/H200; a measured matmul peak on CPU).
   --torch_ref_src adds the official PyTorch DiTwDDTHead train step (same config, batch, AdamW)
   on this machine for comparison; nothing from it is imported unless the flag is given.
 """
@@ -27,7 +34,12 @@ import time
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--rows', default='s_step,xl_compile,xl_memory,encoder',
-                 help='comma-separated subset of: s_step, xl_compile, xl_memory, encoder')
+                 help='comma-separated subset of: s_step, xl_compile, xl_memory, encoder, '
+                      'xl_step, stage1_step')
+  p.add_argument('--xl_batch', type=int, default=0, help='xl_step batch (0: 2 on CPU, 64 else)')
+  p.add_argument('--s1_batch', type=int, default=2, help='stage1_step batch')
+  p.add_argument('--s1_decoder', default='XL', help='stage1_step decoder size (B, L, XL)')
+  p.add_argument('--attention_impl', default='auto', help='xla | cudnn | splash | auto')
   p.add_argument('--batch', type=int, default=4, help='batch for s_step and encoder rows')
   p.add_argument('--steps', type=int, default=3, help='timed steps per row (after 1 warmup)')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
@@ -53,6 +65,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flops  # noqa: E402  (bench/flops.py)
+
 from rae_jax.diffusion.transport import create_transport  # noqa: E402
 from rae_jax.models.ditdh import DiTDH  # noqa: E402
 from rae_jax.train import mesh as mesh_lib  # noqa: E402
@@ -72,6 +87,7 @@ def row(name, metric, value):
 
 
 def ditdh(size: dict, dtype=jnp.float32, **kw):
+  kw.setdefault('attention_impl', ARGS.attention_impl)
   return DiTDH(input_size=16, patch_size=1, in_channels=768, mlp_ratio=4.0,
                class_dropout_prob=0.1, num_classes=1000, use_qknorm=False, use_swiglu=True,
                use_rope=True, use_rmsnorm=True, wo_shift=False, use_pos_embed=True, dtype=dtype,
@@ -119,6 +135,11 @@ def latent_batch(mesh, b, abstract=False):
                          'label': rng.integers(0, 1000, b).astype(np.int32)}, bs)
 
 
+def run_compiled(compiled):
+  """A compiled TrainStep executable takes (state, batch, frozen, draws) positionally."""
+  return lambda state, batch, *extra: compiled(state, batch, extra[0] if extra else None, None)
+
+
 def timed_steps(step, state, batch, n, *extra):
   state, m = step(state, batch, *extra)  # warmup (also finishes async compile work)
   jax.block_until_ready(m)
@@ -140,10 +161,101 @@ def bench_s_step(args):
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   row(f'DiTDH-S step, batch {args.batch}, {args.dtype}', 'compile', f'{time.perf_counter() - t:.1f} s')
-  _, dt = timed_steps(compiled, state, batch, args.steps)
+  _, dt = timed_steps(run_compiled(compiled), state, batch, args.steps)
   row(f'DiTDH-S step, batch {args.batch}, {args.dtype}', 'step time (median)', f'{dt:.2f} s')
   row(f'DiTDH-S step, batch {args.batch}, {args.dtype}', 'images/s', f'{args.batch / dt:.3f}')
+  flops.flops_rows(row, f'DiTDH-S step, batch {args.batch}, {args.dtype}', compiled,
+                   ditdh_train_flops(S, state.params, args.batch), dt, args.dtype)
   return dt
+
+
+def ditdh_train_flops(size: dict, params, batch: int) -> float:
+  """Analytic train-step FLOPs: per-token matmuls, per-sample ones (embedders, encoder adaLN
+  on the (B, D) condition), attention of every layer over the 256 tokens."""
+  enc_d, dec_d = size['depth']
+  per_sample = ['t_embedder', 'y_embedder'] + [f'blocks_{i}/adaLN' for i in range(enc_d)]
+  tok, smp = flops.matmul_params(params, per_sample)
+  tokens = LATENT[0] * LATENT[1]
+  attn = [(tokens, size['hidden_size'][0])] * enc_d + [(tokens, size['hidden_size'][1])] * dec_d
+  return flops.analytic_flops(batch, tokens, tok, smp, attn, train=True)
+
+
+def bench_xl_step(args):
+  """DiTDH-XL train step on one device: the MFU target row (bf16 on accelerators)."""
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  dtype = args.dtype if (on_cpu or args.dtype != 'float32') else 'bfloat16'
+  b = args.xl_batch or (2 if on_cpu else 64)
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  model = ditdh(XL, jnp.dtype(dtype))
+  step, state, _ = setup(model, mesh, b)
+  batch = latent_batch(mesh, b)
+  name = f'DiTDH-XL step, batch {b}, {dtype}, attn {args.attention_impl}'
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  row(name, 'compile', f'{time.perf_counter() - t:.1f} s')
+  _, dt = timed_steps(run_compiled(compiled), state, batch, args.steps)
+  row(name, 'step time (median)', f'{dt * 1e3:.1f} ms')
+  row(name, 'images/s', f'{b / dt:.2f}')
+  flops.flops_rows(row, name, compiled, ditdh_train_flops(XL, state.params, b), dt, dtype)
+  return b / dt
+
+
+def bench_stage1_step(args):
+  """The stage-1 step main.py runs, every loss term on (phase (lpips, gan, D update) all on)."""
+  from rae_jax import presets  # pylint: disable=g-import-not-at-top
+  from rae_jax.losses.lpips import LPIPS  # pylint: disable=g-import-not-at-top
+  from rae_jax.models.rae import load_rae  # pylint: disable=g-import-not-at-top
+  from rae_jax.pipeline import builders, stage1  # pylint: disable=g-import-not-at-top
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  dtype = args.dtype if (on_cpu or args.dtype != 'float32') else 'bfloat16'
+  c = presets.base_config()
+  c.compute_dtype = dtype
+  c.model.attention_impl = args.attention_impl
+  c.decoder = presets.vit_decoder(args.s1_decoder)
+  b = c.stage1.global_batch_size = args.s1_batch
+  c.stage1.loss.lpips_start = c.stage1.loss.disc_start = c.stage1.loss.disc_upd_start = 0.0
+  c.stage1.disc.enabled = True
+  c.stage1.disc.random_init = True
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  # DINOv2-B/14-sized frozen encoder (MAE layout, no registers: the same FLOPs), random weights.
+  enc = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+             intermediate_size=3072, patch_size=14, image_size=224)
+  rae, rae_vars = load_rae('toy_vit', None, builders.decoder_config_dict(c),
+                           decoder_patch_size=16, encoder_input_size=224, noise_tau=0.8,
+                           encoder_overrides=enc, dtype=jnp.dtype(dtype))
+  parts = stage1.build_parts(c, 1000 * b)
+  disc = parts.disc
+  key = jax.random.PRNGKey(0)
+  img = jnp.zeros((1, 256, 256, 3))
+  frozen = {'encoder': rae_vars['encoder'],
+            'lpips': jax.jit(LPIPS().init)(key, img, img)['params'],
+            'dino': stage1.frozen_dino_params(disc, c.stage1.disc, key)}
+  state, shardings = state_lib.init_train_state(
+      rae.init_decoder, parts.sched.tx, key, jax.random.PRNGKey(1), mesh,
+      init_extra=stage1.disc_extra_init(disc, parts.disc_sched.tx))
+  frozen = jax.device_put(frozen, mesh_lib.replicated(mesh))
+  step = stage1.make_step(c, rae, parts, shardings, mesh,
+                          jax.tree.map(lambda a: a.sharding, frozen))
+  rng = np.random.default_rng(0)
+  batch = jax.device_put({'image': rng.random((b, 256, 256, 3), np.float32)},
+                         mesh_lib.batch_sharding(mesh))
+  name = f'stage-1 ViT-{args.s1_decoder} dec + LPIPS + DINO GAN, batch {b}, {dtype}'
+  t = time.perf_counter()
+  state, m = step(state, batch, frozen)
+  jax.block_until_ready(m)
+  row(name, 'compile + first step', f'{time.perf_counter() - t:.1f} s')
+  _, dt = timed_steps(step, state, batch, args.steps, frozen)
+  row(name, 'step time (median)', f'{dt:.2f} s')
+  row(name, 'images/s', f'{b / dt:.3f}')
+  fn = next(iter(step.variants.values()))
+  try:
+    compiled = fn.lower(state, batch, frozen, None).compile()
+    xf = flops.xla_flops(compiled)
+    row(name, 'GFLOPs/step (XLA)', f'{xf / 1e9:.1f}')
+    util, source = flops.mfu(xf, dt, dtype)
+    row(name, 'MFU', f'{100 * util:.1f} % of {source} ({dtype})')
+  except Exception as e:  # pylint: disable=broad-except
+    row(name, 'GFLOPs/step (XLA)', f'n/a ({type(e).__name__})')
 
 
 def bench_torch_reference(args):
@@ -275,6 +387,10 @@ def main():
       bench_xl_memory(args)
     elif r == 'encoder':
       bench_encoder(args)
+    elif r == 'xl_step':
+      bench_xl_step(args)
+    elif r == 'stage1_step':
+      bench_stage1_step(args)
     else:
       raise SystemExit(f'unknown row {r!r}')
   print('\n| benchmark | metric | value |\n|---|---|---|')
