@@ -180,7 +180,10 @@ def test_import_reference_ditdh_reproduces_forward(ref_dir, tmp_path):
   sd = load_safetensors_torch(ref_dir / "ditdh_tiny.weights.safetensors")
   torch.save(sd, tmp_path / "plain.pt")
   # An official training checkpoint: its EMA must be taken, not the raw weights.
-  torch.save({"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "step": 7},
+  fixed = ("pos_embed", "enc_feat_rope.freqs_cos", "enc_feat_rope.freqs_sin",
+           "dec_feat_rope.freqs_cos", "dec_feat_rope.freqs_sin")  # buffers, same in both entries
+  torch.save({"model": {k: v if k in fixed else torch.zeros_like(v) for k, v in sd.items()},
+              "ema": sd, "step": 7},
              tmp_path / "wrapped.pt")
   c = ditdh_ref_config()
   mesh = mesh_lib.make_mesh()
@@ -199,6 +202,78 @@ def test_import_reference_ditdh_reproduces_forward(ref_dir, tmp_path):
   err = rel_err(np.asarray(out).transpose(0, 3, 1, 2), io["out"])
   print(f"ditdh import: forward rel err {err:.2e}")
   assert err <= 1e-5
+
+
+def assert_files_bit_identical(original, exported_path):
+  want = load_safetensors(original)
+  for got in (load_safetensors(exported_path + ".safetensors"),
+              {k: v.numpy() for k, v in torch.load(exported_path + ".pt",
+                                                   weights_only=True).items()}):
+    assert got.keys() == want.keys()
+    for k in want:
+      assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+      assert got[k].tobytes() == want[k].tobytes(), f"{k} differs after import -> export"
+
+
+def test_import_then_export_of_official_files_is_bit_identical(ref_dir, tmp_path):
+  """issue 10: every tensor, RoPE / pos_embed buffers included, comes back bit-identical."""
+  c = ditdh_ref_config()
+  c.guidance.guide_model = presets.lightning_dit(32, 2, 2, input_size=4, in_channels=16,
+                                                 num_classes=10)
+  c.interop.stage2_model = str(ref_dir / "ditdh_tiny.weights.safetensors")
+  c.interop.guide_model = str(ref_dir / "lightningdit_tiny.weights.safetensors")
+  release.import_release(c, str(tmp_path / "w"))
+  out = release.export_release(c, str(tmp_path / "w"), "ema")
+  assert_files_bit_identical(ref_dir / "ditdh_tiny.weights.safetensors", f"{out}/stage2_model")
+  assert_files_bit_identical(ref_dir / "lightningdit_tiny.weights.safetensors",
+                             f"{out}/guide_model")
+  c = rae_ref_config(ref_dir)
+  release.import_release(c, str(tmp_path / "r"))
+  out = release.export_release(c, str(tmp_path / "r"), "params")
+  assert_files_bit_identical(ref_dir / "rae_tiny.decoder.safetensors", f"{out}/decoder")
+  want = torch.load(ref_dir / "tiny_stat.pt", weights_only=True)
+  got = load_safetensors(f"{out}/stat.safetensors")
+  for k in want:
+    assert got[k].tobytes() == want[k].numpy().tobytes(), k
+
+
+def test_training_checkpoint_keeps_model_and_ema_apart(ref_dir, tmp_path):
+  """params = 'model', ema_params = 'ema'; export which=params/ema gives back each one."""
+  sd = load_safetensors_torch(ref_dir / "ditdh_tiny.weights.safetensors")
+  raw = {k: v if "rope" in k or k == "pos_embed" else v * 0.5 for k, v in sd.items()}
+  torch.save({"model": raw, "ema": sd, "step": 3}, tmp_path / "both.pt")
+  torch.save({"model": raw, "step": 3}, tmp_path / "model_only.pt")
+  c = ditdh_ref_config()
+  c.interop.stage2_model = str(tmp_path / "both.pt")
+  summary = release.import_release(c, str(tmp_path / "w"))
+  assert summary["stage2"]["entries"] == {"params": "model", "ema_params": "ema"}
+  _, meta = weights.load_weights(str(tmp_path / "w"), builders.STAGE2_DIR)
+  assert meta["entries"] == {"params": "model", "ema_params": "ema"}
+  for which, want in (("params", raw), ("ema", sd)):
+    out = release.export_release(c, str(tmp_path / "w"), which)
+    got = load_safetensors(f"{out}/stage2_model.safetensors")
+    for k in want:
+      assert got[k].tobytes() == want[k].numpy().tobytes(), (which, k)
+  c.interop.stage2_model = str(tmp_path / "model_only.pt")
+  summary = release.import_release(c, str(tmp_path / "m"))
+  assert summary["stage2"]["entries"] == {"params": "model", "ema_params": "model"}
+
+
+def test_published_files_get_umask_permissions(trained, tmp_path):
+  """issue 10: user-facing files are 0644 under umask 022, not mkstemp's 0600."""
+  from rae_jax.pipeline import images
+  c, trained_dir, _ = trained
+  old = os.umask(0o022)
+  try:
+    out = release.export_release(c, trained_dir, "ema")
+    images.write_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "samples.png"))
+    atomic.write_file(str(tmp_path / "x.txt"), lambda f: f.write(b"x"))
+  finally:
+    os.umask(old)
+  files = [os.path.join(out, f) for f in os.listdir(out)]
+  files += [str(tmp_path / "samples.png"), str(tmp_path / "x.txt")]
+  assert {f: oct(os.stat(f).st_mode & 0o777) for f in files} == {f: "0o644" for f in files}
+  assert oct(os.stat(out).st_mode & 0o777) == "0o755"
 
 
 def rae_ref_config(ref_dir):
@@ -254,7 +329,10 @@ def test_import_decoder_from_training_checkpoint_and_bf16(ref_dir, tmp_path):
     summary = release.import_release(c, str(tmp_path / f"w_{name}"))
     assert summary["stage1"]["entry"] == ("ema" if name.endswith(".pt") else "plain")
     tree, _ = weights.load_weights(str(tmp_path / f"w_{name}"), builders.STAGE1_DIR)
-    tree_equal(tree["params"], expect)
+    tree_equal(tree["ema_params"], expect)
+    # A training checkpoint keeps its raw 'model' weights apart: params = model (zeros here).
+    tree_equal(tree["params"], jax.tree.map(np.zeros_like, expect) if name.endswith(".pt")
+               else expect)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rae_jax.interop import vit_names as vn
+from rae_jax.atomic import set_default_mode
 from rae_jax.interop.common import StateDictError, flatten, unflatten
 from rae_jax.interop.hf_encoders import read_tensors
 from rae_jax.models.decoder import ViTDecoder
@@ -82,3 +83,4 @@ def save_decoder_state_dict(module: ViTDecoder, params, path) -> None:
   else:
     from safetensors.numpy import save_file
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
+    set_default_mode(str(path))  # safetensors creates it 0600

@@ -9,7 +9,10 @@ layer axis and fan out to `blocks.{first + i}`.
 
 The fixed buffers (`pos_embed`, `*feat_rope.freqs_cos/sin`) are not params: export computes them
 from the config, import checks their shape and that they equal those tables (a checkpoint for
-another geometry fails loudly instead of silently using different positions).
+another geometry fails loudly instead of silently using different positions). Export computes the
+RoPE tables with torch float32 ops when torch is installed (it is, wherever export_torch runs), so
+they are bit-identical to what the official `VisionRotaryEmbeddingFast` registers; numpy's
+float32 cos/sin differ from torch's by 1 ulp on some elements.
 """
 from __future__ import annotations
 
@@ -138,8 +141,32 @@ def _plan(flat_shapes: Mapping[str, tuple], groups: Mapping[str, int]):
   return plan
 
 
-def _buffers(model) -> dict[str, np.ndarray]:
-  """The official non-parameter buffers implied by the config, keyed by torch name."""
+def _torch_rope_tables(head_dim: int, grid: int, theta: float = 10000.0):
+  """EVA's VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid) buffers, with the same
+  torch float32 ops (and so the same rounding) as the official module; None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  dim = head_dim // 2
+  inv = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+  pos = torch.arange(grid) / grid * grid
+  ang = torch.einsum("n,f->nf", pos, inv).repeat_interleave(2, dim=-1)  # (grid, dim)
+  full = torch.cat([ang[:, None, :].expand(grid, grid, dim),
+                    ang[None, :, :].expand(grid, grid, dim)], dim=-1).reshape(grid * grid, -1)
+  return full.cos().numpy(), full.sin().numpy()
+
+
+def _rope_tables(head_dim: int, grid: int, exact: bool):
+  tables = layers.rope_tables(head_dim, grid)  # also validates head_dim
+  exact_tables = _torch_rope_tables(head_dim, grid) if exact else None
+  return tables if exact_tables is None else exact_tables
+
+
+def _buffers(model, exact: bool = False) -> dict[str, np.ndarray]:
+  """The official non-parameter buffers implied by the config, keyed by torch name.
+
+  exact=True (export) computes RoPE tables with torch so they match the official bit for bit."""
   out = {}
   if isinstance(model, DiTDH):
     (enc_w, dec_w), (enc_h, dec_h), (s_grid, x_grid) = model.widths, model.heads, model.grids
@@ -148,13 +175,13 @@ def _buffers(model) -> dict[str, np.ndarray]:
     if model.use_rope:
       for name, w, h, g in (("enc_feat_rope", enc_w, enc_h, s_grid),
                             ("dec_feat_rope", dec_w, dec_h, x_grid)):
-        cos, sin = layers.rope_tables(w // h, g)
+        cos, sin = _rope_tables(w // h, g, exact)
         out[f"{name}.freqs_cos"], out[f"{name}.freqs_sin"] = cos, sin
   else:
     d, grid = model.hidden_size, model.grid
     out["pos_embed"] = layers.get_2d_sincos_pos_embed(d, grid)[None]
     if model.use_rope:
-      cos, sin = layers.rope_tables(d // model.num_heads, grid)
+      cos, sin = _rope_tables(d // model.num_heads, grid, exact)
       out["feat_rope.freqs_cos"], out["feat_rope.freqs_sin"] = cos, sin
   return {k: np.array(v, np.float32) for k, v in out.items()}
 
@@ -169,7 +196,7 @@ def _to_torch(params, model) -> dict[str, np.ndarray]:
   for path, i, key, how, _ in _plan({k: v.shape for k, v in flat.items()}, _scan_groups(model)):
     a = flat[path] if i is None else flat[path][i]
     sd[key] = _to_torch_array(a, how)
-  sd.update(_buffers(model))
+  sd.update(_buffers(model, exact=True))
   return sd
 
 

@@ -91,7 +91,7 @@ def model_kind(model_cfg: mlc.ConfigDict) -> str:
 def torch_kwargs(model_cfg: mlc.ConfigDict) -> dict:
   """Constructor arguments of the official class (ours minus JAX-only knobs)."""
   kw = builders.model_kwargs(model_cfg)
-  for k in ("remat", "scan_layers", "attention_impl"):
+  for k in ("remat", "remat_policy", "scan_layers", "attention_impl"):
     kw.pop(k, None)
   if model_kind(model_cfg) == "LightningDiT":
     kw.pop("use_pos_embed", None)
@@ -199,8 +199,9 @@ class _Item:
   stage: str
   field: str
   spec: str
-  tensors: torch_io.TensorFile
+  tensors: torch_io.TensorFile  # -> ema_params (and params when the file has no 'model')
   expected: dict  # torch key -> shape
+  params_tensors: Optional[torch_io.TensorFile] = None  # a training checkpoint's 'model' entry
 
   @property
   def source(self) -> str:
@@ -214,10 +215,11 @@ def _expected_kind(config: mlc.ConfigDict, stage: str) -> str:
   return {builders.STAGE1_DIR: "decoder", STATS: "stats"}[stage]
 
 
-def _check_kind(item: _Item, config: mlc.ConfigDict) -> torch_io.TensorFile:
+def _check_kind(item: _Item, config: mlc.ConfigDict,
+                tf: Optional[torch_io.TensorFile] = None) -> torch_io.TensorFile:
   """Raise if the file is of another kind than the field wants; unwrap RAE state_dicts."""
-  want, got = _expected_kind(config, item.stage), detect_kind(item.tensors)
-  tf = item.tensors
+  tf = item.tensors if tf is None else tf
+  want, got = _expected_kind(config, item.stage), detect_kind(tf)
   if got == "rae" and want == "decoder":
     logging.info("%s: full RAE state_dict; importing its 'decoder.*' tensors", item.source)
     return tf.with_keys({k[len("decoder."):]: k for k in tf if k.startswith("decoder.")})
@@ -235,19 +237,22 @@ def _check_kind(item: _Item, config: mlc.ConfigDict) -> torch_io.TensorFile:
       f"holds a {_KIND_DESC[got]} (keys such as {examples}); {hint}")
 
 
-def _validate(item: _Item, config: mlc.ConfigDict, optional=()) -> None:
+def _validate(item: _Item, config: mlc.ConfigDict, optional=(),
+              tf: Optional[torch_io.TensorFile] = None) -> None:
   """Every key and shape against the config's model; errors name file, keys and both shapes."""
-  tf, expected = item.tensors, item.expected
+  tf = item.tensors if tf is None else tf
+  expected = item.expected
+  source = tf.path + ("" if tf.entry == "plain" else f" ['{tf.entry}']")
   required = set(expected) - (set(optional) - set(tf))
   try:
-    check_keys(required, tf, item.source)
+    check_keys(required, tf, source)
   except StateDictError as e:
     raise StateDictError(f"{e} -- the file does not match {_describe(config, item.stage)}") from None
   bad = [(k, tf.shape(k), tuple(expected[k])) for k in sorted(expected)
          if k in tf and tf.shape(k) != tuple(expected[k])]
   if bad:
     lines = "; ".join(f"key '{k}' has shape {g} in the file, expected {e}" for k, g, e in bad[:10])
-    raise StateDictError(f"{item.source}: {len(bad)} tensor(s) disagree with the config: {lines}"
+    raise StateDictError(f"{source}: {len(bad)} tensor(s) disagree with the config: {lines}"
                          f"{' ...' if len(bad) > 10 else ''} -- {_describe(config, item.stage)}")
 
 
@@ -267,15 +272,28 @@ def _open_and_validate(config: mlc.ConfigDict, stage: str, field: str, spec: str
   item.tensors = _check_kind(item, config)  # before the config's sizes are even looked at
   item.expected, optional = _expected_shapes(config, stage)
   _validate(item, config, optional)
-  if item.tensors.entry == "model":
-    logging.warning("%s: no 'ema' entry; importing the raw 'model' weights", path)
-  elif item.tensors.entry != "plain":
-    logging.info("%s: importing the '%s' entry", path, item.tensors.entry)
+  entries = item.tensors.entries
+  if item.tensors.entry == "ema" and "model" in entries:
+    # A training checkpoint: raw weights -> params, EMA -> ema_params (export's `which` picks).
+    item.params_tensors = _check_kind(item, config, torch_io.open_tensors(path, "model"))
+    _validate(item, config, optional, item.params_tensors)
+    logging.info("%s: importing 'model' as params and 'ema' as ema_params", path)
+  elif item.tensors.entry in ("ema", "model", "state_dict"):
+    logging.warning("%s: only a '%s' entry; params and ema_params are both these weights", path,
+                    item.tensors.entry)
   return item
 
 
-def _convert(item: _Item, config: mlc.ConfigDict) -> Any:
-  """numpy params (or (h,w,C) stats) of one validated file."""
+def _entries(item: _Item) -> dict:
+  """Which entry of the file each part of the snapshot holds."""
+  params = item.params_tensors if item.params_tensors is not None else item.tensors
+  return {"params": params.entry, "ema_params": item.tensors.entry}
+
+
+def _convert(item: _Item, config: mlc.ConfigDict,
+             tensors: Optional[torch_io.TensorFile] = None) -> Any:
+  """numpy params (or (h,w,C) stats) of one validated file (`tensors`: another entry of it)."""
+  item = item if tensors is None else dataclasses.replace(item, tensors=tensors)
   if item.stage == STATS:
     # Tiny file: re-read through the stats module, which owns the (C,h,w) <-> (h,w,C) layout.
     return stats_lib.load_stats(item.tensors.path, shape=builders.stage2_latent_shape(config))
@@ -303,7 +321,9 @@ def _sync(name: str) -> None:
 def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
   """Import the official files named in config.interop into `workdir` (replacing earlier imports
   of the same stages). Returns {stage: {'source', 'spec', 'entry', 'kind', 'num_params' | 'keys',
-  'written'}} for 'stage2', 'guide', 'stage1', 'stats'."""
+  'written', 'entries'}} for 'stage2', 'guide', 'stage1', 'stats'. A training checkpoint with
+  both 'model' and 'ema' keeps them apart (params = model, ema_params = ema); 'entries' says
+  which entry each holds."""
   specs = [(stage, field, config.interop[field]) for stage, field, _ in PARTS
            if config.interop[field]]
   if not specs:
@@ -333,18 +353,21 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
         info.update(keys=sorted(converted), shape=builders.stage2_latent_shape(config),
                     written=os.path.join(workdir, builders.STATS_FILE))
       else:
+        params = (converted if item.params_tensors is None
+                  else _convert(item, config, item.params_tensors))
         info.update(num_params=int(sum(np.size(x) for x in jax.tree.leaves(converted))),
-                    written=weights.weights_dir(workdir, item.stage))
+                    written=weights.weights_dir(workdir, item.stage), entries=_entries(item))
         meta = dict(info, model_config=_stage_config(config, item.stage),
                     imported_by="rae_jax.interop.release.import_release")
-        weights.save_weights(staging, item.stage, converted, converted, meta)
+        weights.save_weights(staging, item.stage, params, converted, meta)
+        del params
         if weights.latest_checkpoint_step(workdir, item.stage) is not None:
           logging.warning("%s already holds a training checkpoint, which inference prefers over "
                           "the imported snapshot", weights.checkpoint_dir(workdir, item.stage))
       del converted
       summary[item.stage] = info
-      logging.info("import_torch: %s <- %s (%s, %s weights)", item.stage, item.tensors.path,
-                   info["kind"], item.tensors.entry)
+      logging.info("import_torch: %s <- %s (%s; entries %s)", item.stage, item.tensors.path,
+                   info["kind"], info.get("entries", item.tensors.entry))
     _sync("rae_jax_import_converted")
     if primary:
       for item in items:

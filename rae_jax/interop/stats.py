@@ -9,6 +9,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from rae_jax.atomic import set_default_mode
 from rae_jax.interop.common import StateDictError, to_numpy
 
 KEYS = ("mean", "var")
@@ -59,6 +60,7 @@ def save_stats(stats: Mapping[str, np.ndarray], path) -> None:
   if path.suffix == ".safetensors":
     from safetensors.numpy import save_file
     save_file(chw, str(path))
+    set_default_mode(str(path))  # safetensors creates it 0600
   elif path.suffix == ".npz":
     np.savez(path, **chw)
   else:

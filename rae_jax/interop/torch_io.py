@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
+from rae_jax.atomic import set_default_mode
 from rae_jax.interop.common import StateDictError, to_numpy
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -40,8 +41,9 @@ class TensorFile(Mapping):
   """
 
   def __init__(self, path: str, tensors: Mapping[str, Any], entry: str, shapes=None,
-               rename: Optional[Mapping[str, str]] = None):
+               rename: Optional[Mapping[str, str]] = None, entries: tuple = ()):
     self.path, self.entry = path, entry
+    self.entries = tuple(entries) or (entry,)  # every weights entry the file has
     self._tensors = tensors
     self._shape_of = shapes  # backend's data-free shape lookup, if any
     # our key -> key in `tensors` (identity unless wrapper prefixes were stripped)
@@ -71,7 +73,7 @@ class TensorFile(Mapping):
   def with_keys(self, rename: Mapping[str, str]) -> "TensorFile":
     """A view with keys renamed ({new key: current key}); keys not named are dropped."""
     src = {new: self._src[old] for new, old in rename.items()}
-    return TensorFile(self.path, self._tensors, self.entry, self._shape_of, src)
+    return TensorFile(self.path, self._tensors, self.entry, self._shape_of, src, self.entries)
 
 
 class _Safetensors(Mapping):
@@ -128,14 +130,23 @@ def _torch_load(path: pathlib.Path):
                          f"more than tensors and plain containers): {str(e)[:300]}") from e
 
 
-def _select_entry(obj, path: pathlib.Path) -> tuple[Mapping, str]:
-  """Plain state_dict, or the 'ema' (preferred) / 'model' / 'state_dict' entry of a wrapper."""
+WRAPPER_ENTRIES = ("ema", "model", "state_dict")
+
+
+def _select_entry(obj, path: pathlib.Path, entry: Optional[str] = None
+                  ) -> tuple[Mapping, str, tuple]:
+  """Plain state_dict, or the `entry` (default: 'ema', else 'model', else 'state_dict') of a
+  training-checkpoint wrapper; also returns every wrapper entry the file has."""
   if not isinstance(obj, Mapping):
     raise StateDictError(f"{path}: expected a state_dict (dict of tensors), got {type(obj).__name__}")
-  for entry in ("ema", "model", "state_dict"):
-    if isinstance(obj.get(entry), Mapping):
-      return obj[entry], entry
-  return obj, "plain"
+  found = tuple(e for e in WRAPPER_ENTRIES if isinstance(obj.get(e), Mapping))
+  if entry is not None:
+    if entry not in found:
+      raise StateDictError(f"{path}: no '{entry}' entry (it has {list(found) or 'none'})")
+    return obj[entry], entry, found
+  if found:
+    return obj[found[0]], found[0], found
+  return obj, "plain", ("plain",)
 
 
 def _strip_wrappers(keys) -> dict[str, str]:
@@ -150,20 +161,25 @@ def _strip_wrappers(keys) -> dict[str, str]:
   return out
 
 
-def open_tensors(path) -> TensorFile:
-  """Lazily open a checkpoint: .safetensors, .npz, or a torch pickle (weights_only)."""
+def open_tensors(path, entry: Optional[str] = None) -> TensorFile:
+  """Lazily open a checkpoint: .safetensors, .npz, or a torch pickle (weights_only).
+
+  A training checkpoint ({'model', 'ema', ...}) opens at `entry` (default 'ema', else 'model');
+  `TensorFile.entries` lists the others, to open with `entry=`."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file")
+  if entry not in (None, "plain") and path.suffix in (".safetensors", ".npz"):
+    raise StateDictError(f"{path}: a plain state_dict has no '{entry}' entry")
   if path.suffix == ".safetensors":
     st = _Safetensors(path)
     tf = TensorFile(str(path), st, "plain", shapes=st.shape)
   elif path.suffix == ".npz":
     tf = TensorFile(str(path), np.load(path), "plain")
   else:
-    sd, entry = _select_entry(_torch_load(path), path)
+    sd, entry, found = _select_entry(_torch_load(path), path, entry)
     sd = {k: v for k, v in sd.items() if hasattr(v, "shape")}  # drop e.g. `_metadata`
-    tf = TensorFile(str(path), sd, entry)
+    tf = TensorFile(str(path), sd, entry, entries=found)
   rename = _strip_wrappers(tf)
   if any(k != v for k, v in rename.items()):
     tf = tf.with_keys(rename)
@@ -182,3 +198,4 @@ def save_torch(state_dict: Mapping[str, np.ndarray], path) -> None:
 def save_safetensors(state_dict: Mapping[str, np.ndarray], path) -> None:
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+  set_default_mode(str(path))  # safetensors creates it 0600

@@ -1,11 +1,10 @@
 """Image output helpers: uint8 conversion, grids, atomic PNG writes."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 from PIL import Image
+
+from rae_jax import atomic
 
 
 def to_uint8(images01) -> np.ndarray:
@@ -32,9 +31,5 @@ def write_png(array: np.ndarray, path: str, upscale: int = 1) -> None:
   img = Image.fromarray(array)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, suffix=".png.tmp")
-  os.close(fd)
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  # atomic.write_file: mkstemp's 0600 would make samples.png unreadable to other users.
+  atomic.write_file(path, lambda f: img.save(f, format="PNG"))
