@@ -6,11 +6,15 @@
 
 The sampler is one lax.scan over steps, so its per-step time should be the forward time plus a
 few elementwise ops (target: overhead <= 5%). Weights are random: timing does not depend on them.
+Also printed: model FLOPs of one forward and of the sampler (XLA's count vs analytic), MFU
+against the device's peak (bench/flops.py), and sampled images/s (latents, no decode).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -18,6 +22,9 @@ import jax.numpy as jnp
 
 from rae_jax.diffusion import sampling, transport
 from rae_jax.models.ditdh import DiTDH
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flops  # noqa: E402  (bench/flops.py)
 
 COMMON = dict(patch_size=1, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
               use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False,
@@ -56,10 +63,11 @@ def main():
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--attention_impl", default="auto", help="xla | cudnn | splash | auto")
   args = ap.parse_args()
 
   cfg = dict(COMMON, **PRESETS[args.model])
-  model = DiTDH(**cfg, dtype=jnp.dtype(args.dtype))
+  model = DiTDH(**cfg, dtype=jnp.dtype(args.dtype), attention_impl=args.attention_impl)
   n, c = cfg["input_size"], cfg["in_channels"]
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (args.batch, n, n, c))
@@ -82,6 +90,17 @@ def main():
   t_smp = timed(smp, params, x, y, repeats=max(1, args.repeats // 2))
   per_step = t_smp / args.steps
 
+  enc_d, dec_d = cfg["depth"]
+  per_sample = ["t_embedder", "y_embedder"] + [f"blocks_{i}/adaLN" for i in range(enc_d)]
+  tok, n_smp = flops.matmul_params(params, per_sample)
+  attn = [(n * n, cfg["hidden_size"][0])] * enc_d + [(n * n, cfg["hidden_size"][1])] * dec_d
+  fwd_analytic = flops.analytic_flops(args.batch, n * n, tok, n_smp, attn, train=False)
+  # cost_analysis counts a while-loop body once, so the sampler is steps x one forward.
+  fwd_xla = flops.xla_flops(fwd)
+  smp_xla = args.steps * fwd_xla
+  mfu_fwd, source = flops.mfu(fwd_xla, t_fwd, args.dtype)
+  mfu_smp, _ = flops.mfu(smp_xla, t_smp, args.dtype)
+
   dev = jax.devices()[0]
   print(f"DiTDH-{args.model} ({n_params / 1e6:.1f}M params), latents {n}x{n}x{c}, "
         f"batch {args.batch}, {args.dtype}, {len(jax.devices())} x {dev.device_kind}")
@@ -92,7 +111,13 @@ def main():
       (f"{args.steps}-step Euler total", f"{t_smp * 1e3:9.2f} ms"),
       (f"Euler total / {args.steps}", f"{per_step * 1e3:9.2f} ms"),
       ("per-step overhead vs forward", f"{100 * (per_step - t_fwd) / t_fwd:8.1f} %"),
+      ("forward GFLOPs XLA / analytic", f"{fwd_xla / 1e9:.3f} / {fwd_analytic / 1e9:.3f}"),
+      (f"sampler GFLOPs ({args.steps} x forward)", f"{smp_xla / 1e9:9.3f}"),
+      ("forward MFU", f"{100 * mfu_fwd:8.1f} %"),
+      ("sampler MFU", f"{100 * mfu_smp:8.1f} %"),
+      ("sampled latents / s", f"{args.batch / t_smp:9.2f}"),
   ]
+  print(f"MFU peak: {source}")
   width = max(len(r[0]) for r in rows)
   print(f"| {'measure':<{width}} | {'value':>12} |")
   print(f"|{'-' * (width + 2)}|{'-' * 14}|")
