@@ -204,7 +204,7 @@ def bench_stage1_step(args):
   """The stage-1 step main.py runs, every loss term on (phase (lpips, gan, D update) all on)."""
   from rae_jax import presets  # pylint: disable=g-import-not-at-top
   from rae_jax.losses.lpips import LPIPS  # pylint: disable=g-import-not-at-top
-  from rae_jax.models.rae import load_rae  # pylint: disable=g-import-not-at-top
+  from rae_jax.interop.rae_loader import load_rae  # pylint: disable=g-import-not-at-top
   from rae_jax.pipeline import builders, stage1  # pylint: disable=g-import-not-at-top
   on_cpu = jax.devices()[0].platform == 'cpu'
   dtype = args.dtype if (on_cpu or args.dtype != 'float32') else 'bfloat16'
