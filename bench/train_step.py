@@ -205,7 +205,7 @@ def bench_stage1_step(args):
   from rae_jax import presets  # pylint: disable=g-import-not-at-top
   from rae_jax.losses.lpips import LPIPS  # pylint: disable=g-import-not-at-top
   from rae_jax.interop.rae_loader import load_rae  # pylint: disable=g-import-not-at-top
-  from rae_jax.pipeline import builders, stage1  # pylint: disable=g-import-not-at-top
+  from rae_jax.pipeline import builders, common, stage1  # pylint: disable=g-import-not-at-top
   on_cpu = jax.devices()[0].platform == 'cpu'
   dtype = args.dtype if (on_cpu or args.dtype != 'float32') else 'bfloat16'
   c = presets.base_config()
@@ -223,8 +223,12 @@ def bench_stage1_step(args):
   rae, rae_vars = load_rae('toy_vit', None, builders.decoder_config_dict(c),
                            decoder_patch_size=16, encoder_input_size=224, noise_tau=0.8,
                            encoder_overrides=enc, dtype=jnp.dtype(dtype))
-  parts = stage1.build_parts(c, 1000 * b)
-  disc = parts.disc
+  # build_parts without its LPIPS-file check: LPIPS runs on random VGG weights here.
+  settings = stage1.loss_settings(c)
+  sched = common.optimizer(c.stage1.optim, 1000 * b, b)
+  disc = stage1.build_discriminator(c.stage1.disc, jnp.dtype(dtype), args.attention_impl)
+  parts = stage1.Stage1Parts(settings, stage1.Phases.from_config(c.stage1, settings, 1000),
+                             sched, disc, common.optimizer(c.stage1.disc.optim, 1000 * b, b))
   key = jax.random.PRNGKey(0)
   img = jnp.zeros((1, 256, 256, 3))
   frozen = {'encoder': rae_vars['encoder'],
