@@ -144,6 +144,9 @@ def base_config() -> mlc.ConfigDict:
       global_batch_size=512,
       noise_tau=0.8,
       ema_decay=0.9978,
+      # The official trainer trains decoder_pos_embed (requires_grad_(True) on the whole decoder
+      # un-freezes the sin-cos table); False keeps it fixed. See models/decoder.py.
+      train_pos_embed=True,
       optim=optim(lr=2e-4, final_lr=2e-5, schedule="cosine", warmup_epochs=1, decay_end_epoch=16,
                   epochs=16, warmup_from_zero=True, clip_grad=0.0),
       loss=mlc.ConfigDict(dict(

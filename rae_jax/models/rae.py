@@ -78,14 +78,20 @@ class RAE:
     return jax.lax.stop_gradient(z.astype(jnp.float32))
 
   def encode(self, variables: Mapping[str, Any], images: jnp.ndarray, *,
-             rng: Optional[jax.Array] = None, noise_tau: Optional[float] = None) -> jnp.ndarray:
-    """Images (B,H,W,3) in [0,1] -> latents (B,h,w,C). Noise only when `rng` is given."""
+             rng: Optional[jax.Array] = None, noise_tau: Optional[float] = None,
+             noise: Optional[Mapping[str, jax.Array]] = None) -> jnp.ndarray:
+    """Images (B,H,W,3) in [0,1] -> latents (B,h,w,C).
+
+    Train-mode tau-noise when `noise` (draws of `draw_latent_noise`) or an `rng` to draw them
+    from is given, as the reference: z + tau * U(0,1) * N(0,1), one U per sample, in token layout.
+    """
     z = self.encode_tokens(variables["encoder"], images)
     tau = self.noise_tau if noise_tau is None else noise_tau
-    if rng is not None and not (isinstance(tau, (int, float)) and tau == 0):  # tau may be traced
-      k_sigma, k_noise = jax.random.split(rng)
-      sigma = tau * jax.random.uniform(k_sigma, (z.shape[0], 1, 1), z.dtype)
-      z = z + sigma * jax.random.normal(k_noise, z.shape, z.dtype)
+    if not (isinstance(tau, (int, float)) and tau == 0):  # tau may be traced
+      if noise is None and rng is not None:
+        noise = draw_latent_noise(rng, z.shape)
+      if noise is not None:
+        z = add_latent_noise(z, tau, noise)
     b, n, c = z.shape
     side = math.isqrt(n)
     z = z.reshape(b, side, side, c)
@@ -107,6 +113,21 @@ class RAE:
 
   def init_decoder(self, rng: jax.Array):
     return init_params(self.decoder, rng, (1, self.decoder.num_patches, self.decoder.hidden_size))
+
+
+def draw_latent_noise(key: jax.Array, token_shape: tuple) -> dict:
+  """{'sigma_u': (B,) U(0,1), 'noise': (B, N, C) N(0,1)}: the tau-noise draws of one batch."""
+  k_sigma, k_noise = jax.random.split(key)
+  return {"sigma_u": jax.random.uniform(k_sigma, token_shape[:1]),
+          "noise": jax.random.normal(k_noise, token_shape)}
+
+
+def add_latent_noise(tokens: jnp.ndarray, tau, noise: Mapping[str, jax.Array]) -> jnp.ndarray:
+  if noise["noise"].shape != tokens.shape or noise["sigma_u"].shape != tokens.shape[:1]:
+    raise ValueError(f"tau-noise draws: sigma_u {noise['sigma_u'].shape} / noise "
+                     f"{noise['noise'].shape} do not match tokens {tokens.shape}")
+  sigma = tau * noise["sigma_u"].astype(tokens.dtype)[:, None, None]
+  return tokens + sigma * noise["noise"].astype(tokens.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

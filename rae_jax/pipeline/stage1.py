@@ -35,10 +35,11 @@ from absl import logging
 from rae_jax import data as data_lib
 from rae_jax.config_checks import ConfigError
 from rae_jax.losses import gan as gan_lib
-from rae_jax.losses.diffaug import diffaug
+from rae_jax.losses.diffaug import apply_diffaug, diffaug_draws
 from rae_jax.losses.discriminator import DinoDiscriminator, DiscHead, classify_pair
 from rae_jax.losses.lpips import LPIPS
 from rae_jax.losses.spectral_norm import SPECTRAL
+from rae_jax.models.rae import draw_latent_noise
 from rae_jax.pipeline import builders, common, images
 from rae_jax.train import loop as loop_lib
 from rae_jax.train import mesh as mesh_lib
@@ -48,6 +49,7 @@ from rae_jax.train.state import TrainState, init_train_state
 LPIPS_LIN_FILE = "vgg.pth"
 LPIPS_VGG_GLOB = "vgg16*.pth"
 LAST_LAYER = ("decoder_pred", "kernel")
+POS_EMBED = "decoder_pos_embed"
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +69,7 @@ class LossSettings:
   aug_prob: float = 1.0
   cutout: float = 0.0
   noise_tau: float = 0.8
+  train_pos_embed: bool = True
 
   @property
   def lpips_on(self) -> bool:
@@ -120,7 +123,7 @@ def loss_settings(config: mlc.ConfigDict) -> LossSettings:
       disc_weight=disc_weight, max_d_weight=float(loss.max_d_weight),
       disc_updates=int(loss.disc_updates), disc_loss=str(loss.disc_loss),
       gen_loss=str(loss.gen_loss), aug_prob=float(disc.aug_prob), cutout=float(disc.cutout),
-      noise_tau=float(s1.noise_tau))
+      noise_tau=float(s1.noise_tau), train_pos_embed=bool(s1.get("train_pos_embed", True)))
 
 
 def check_stage1_config(config: mlc.ConfigDict) -> LossSettings:
@@ -266,7 +269,8 @@ class Stage1Step:
     self._last: Optional[TrainState] = None
     self._host_step = 0
 
-  def __call__(self, state: TrainState, batch: Any, frozen: Any):
+  def __call__(self, state: TrainState, batch: Any, frozen: Any, draws: Any = None):
+    """One update; `draws` (see `draw_stage1`) replaces the draws made from the step key."""
     if state is not self._last:
       self._host_step = int(jax.device_get(state.step))
     phase = self.phases.at(self._host_step)
@@ -275,10 +279,28 @@ class Stage1Step:
       logging.info("stage 1: compiling the step for phase lpips=%s gan=%s disc_update=%s (step %d)",
                    *phase, self._host_step)
       fn = self.variants[phase] = self._build(phase)
-    state, metrics = fn(state, batch, frozen)
+    state, metrics = fn(state, batch, frozen, draws)
     self._host_step += 1
     self._last = state
     return state, metrics
+
+
+def draw_stage1(key: jax.Array, batch_size: int, token_shape: tuple, disc_updates: int) -> dict:
+  """Every random input of one stage-1 update, in the reference's order of use.
+
+  latent_noise: the tau-noise of the generator's train-mode RAE forward (`draw_latent_noise`);
+  g_aug: DiffAug of the fakes the generator's GAN term sees; d_aug: {'fake', 'real'} DiffAug draws
+  of each D update (leading axis disc_updates). DiffAug draws are the official layout
+  (u (3,), rand01 (7, B, 1, 1)). Unused entries cost nothing: XLA drops them.
+  """
+  k_noise, k_gaug, k_disc = jax.random.split(key, 3)
+  k_fake, k_real = jax.random.split(k_disc)
+
+  def aug(k):
+    return jax.vmap(lambda kk: diffaug_draws(kk, batch_size))(jax.random.split(k, disc_updates))
+  return {"latent_noise": draw_latent_noise(k_noise, (batch_size,) + tuple(token_shape)),
+          "g_aug": diffaug_draws(k_gaug, batch_size),
+          "d_aug": {"fake": aug(k_fake), "real": aug(k_real)}}
 
 
 def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: optax.GradientTransformation,
@@ -288,7 +310,7 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
                      disc_tx: Optional[optax.GradientTransformation] = None,
                      disc_lr: Optional[optax.Schedule] = None, donate: bool = True) -> Stage1Step:
   """The stage-1 step. frozen = {'encoder', 'lpips' (if LPIPS is on), 'dino' (if the GAN is on)};
-  batch = {'image': (B, H, W, 3) in [0, 1]}.
+  batch = {'image': (B, H, W, 3) in [0, 1]}; draws (optional) as `draw_stage1` makes them.
 
   Metrics (replicated scalars): loss, l1, grad_norm, lr; with LPIPS: lpips; with the GAN: g_loss,
   d_weight, d_loss, disc_acc, logits_real, logits_fake, d_lr (zeros while a term is not active, so
@@ -301,18 +323,21 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
                           if settings.gan_on else (None, None))
   s = settings
   zero = jnp.zeros((), jnp.float32)
+  h, w, c = rae.latent_shape
+  token_shape = (h * w, c)
 
-  def augment(key, x):
-    return diffaug(key, x, s.aug_prob, s.cutout)
+  def augment(draws, x):
+    return apply_diffaug(x, draws, s.aug_prob, s.cutout)
 
-  def step(state: TrainState, batch: Any, frozen: Any, *, use_lpips: bool, use_gan: bool,
-           train_disc: bool):
+  def step(state: TrainState, batch: Any, frozen: Any, draws: Any, *, use_lpips: bool,
+           use_gan: bool, train_disc: bool):
     x = batch["image"].astype(jnp.float32)
     real = x * 2.0 - 1.0
-    key = jax.random.fold_in(state.rng, state.step)
-    k_noise, k_gaug, k_disc = jax.random.split(key, 3)
+    if draws is None:
+      draws = draw_stage1(jax.random.fold_in(state.rng, state.step), x.shape[0], token_shape,
+                          s.disc_updates)
     enc = {"encoder": frozen["encoder"]}
-    z = rae.encode(enc, x, rng=k_noise, noise_tau=s.noise_tau)
+    z = rae.encode(enc, x, noise_tau=s.noise_tau, noise=draws["latent_noise"])
 
     # One decoder forward; its VJP gives the last-layer gradients of each loss term (XLA keeps only
     # the decoder_pred part of those two pullbacks) and then the full gradient of the total.
@@ -337,7 +362,7 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
       d_vars = _disc_variables(frozen["dino"], extra["disc"], extra.get("spectral"))
 
       def gan_loss(xh):  # D in eval mode: stored spectral vectors, as the reference's disc.eval()
-        return g_loss_fn(disc.apply(d_vars, augment(k_gaug, xh * 2.0 - 1.0)))
+        return g_loss_fn(disc.apply(d_vars, augment(draws["g_aug"], xh * 2.0 - 1.0)))
 
       g_val, g_gan = jax.value_and_grad(gan_loss)(recon)
 
@@ -353,9 +378,14 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
       loss = rec + scale * g_val
     else:
       g_val, d_weight, g_img, loss = zero, zero, g_rec, rec
-    grads = jax.lax.with_sharding_constraint(pullback(g_img)[0], state_shardings.params)
+    grads = pullback(g_img)[0]
+    if not s.train_pos_embed:  # frozen sin-cos table: no gradient, no Adam state, no decay
+      grads = {**grads, POS_EMBED: jnp.zeros_like(grads[POS_EMBED])}
+    grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
     updates, opt_state = gen_tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if not s.train_pos_embed:
+      params = {**params, POS_EMBED: state.params[POS_EMBED]}
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
                    lr=jnp.asarray(gen_lr(state.step), jnp.float32))
     if s.gan_on:
@@ -367,13 +397,13 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
       fake = jax.lax.stop_gradient(
           gan_lib.quantize_pm1(rae.decode({"decoder": params}, z_clean) * 2.0 - 1.0))
 
-      def d_update(carry, k):
+      def d_update(carry, aug):
         heads, spectral, d_opt, count = carry
 
-        def d_loss(h):
-          k_fake, k_real = jax.random.split(k)
-          lf, lr, new_vars = classify_pair(disc, _disc_variables(frozen["dino"], h, spectral),
-                                           augment(k_fake, fake), augment(k_real, real), train=True)
+        def d_loss(hp):
+          lf, lr, new_vars = classify_pair(disc, _disc_variables(frozen["dino"], hp, spectral),
+                                           augment(aug["fake"], fake), augment(aug["real"], real),
+                                           train=True)
           out = (new_vars.get(SPECTRAL, {}), gan_lib.disc_accuracy(lr, lf), jnp.mean(lr),
                  jnp.mean(lf))
           return d_loss_fn(lr, lf), out
@@ -381,17 +411,18 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
         (dl, (spectral, acc, m_real, m_fake)), g = jax.value_and_grad(d_loss, has_aux=True)(heads)
         upd, d_opt = disc_tx.update(g, d_opt, heads)
         heads = optax.apply_updates(heads, upd)
+        # The D scheduler is stepped after each D update only: its clock is the D-update count.
         lr_now = jnp.asarray(disc_lr(count), jnp.float32) if disc_lr is not None else zero
         m = dict(d_loss=dl, disc_acc=acc, logits_real=m_real, logits_fake=m_fake, d_lr=lr_now)
         return (heads, spectral, d_opt, count + 1), m
 
       carry = (extra["disc"], extra.get("spectral", {}), extra["disc_opt"], extra["disc_step"])
+      d_aug = draws["d_aug"]
       if s.disc_updates == 1:  # the official recipe; no loop to compile
-        (heads, spectral, d_opt, count), d_ms = d_update(carry, k_disc)
+        (heads, spectral, d_opt, count), d_ms = d_update(carry, jax.tree.map(lambda a: a[0], d_aug))
         d_ms = jax.tree.map(lambda v: v[None], d_ms)
       else:
-        (heads, spectral, d_opt, count), d_ms = jax.lax.scan(
-            d_update, carry, jax.random.split(k_disc, s.disc_updates))
+        (heads, spectral, d_opt, count), d_ms = jax.lax.scan(d_update, carry, d_aug)
       extra = {**extra, "disc": heads, "disc_opt": d_opt, "disc_step": count}
       if spectral:
         extra["spectral"] = spectral
@@ -409,11 +440,46 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
   def build(phase):
     use_lpips, use_gan, train_disc = phase
     fn = functools.partial(step, use_lpips=use_lpips, use_gan=use_gan, train_disc=train_disc)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, frozen_shardings, replicated),
                    out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else ())
 
   return Stage1Step(build, phases)
+
+
+@dataclasses.dataclass
+class Stage1Parts:
+  """What the config makes of the loop: loss settings, phase switches, both optimizers."""
+  settings: LossSettings
+  phases: Phases
+  sched: common.Schedule
+  disc: Optional[DinoDiscriminator] = None
+  disc_sched: Optional[common.Schedule] = None
+
+
+def build_parts(config: mlc.ConfigDict, dataset_size: int) -> Stage1Parts:
+  """Settings, phases (epochs -> steps), G and D AdamW + schedules, the discriminator module."""
+  settings = check_stage1_config(config)
+  s1 = config.stage1
+  sched = common.optimizer(s1.optim, dataset_size, s1.global_batch_size)
+  phases = Phases.from_config(s1, settings, sched.steps_per_epoch)
+  if not settings.gan_on:
+    return Stage1Parts(settings, phases, sched)
+  disc = build_discriminator(s1.disc, builders.compute_dtype(config),
+                             builders.attention_impl(config))
+  return Stage1Parts(settings, phases, sched, disc,
+                     common.optimizer(s1.disc.optim, dataset_size, s1.global_batch_size))
+
+
+def make_step(config: mlc.ConfigDict, rae, parts: Stage1Parts, shardings: TrainState, mesh,
+              frozen_shardings: Any) -> Stage1Step:
+  """The stage-1 step main.py runs (tests replay official trajectories through it)."""
+  d = parts.disc_sched
+  return make_stage1_step(
+      rae, parts.settings, parts.phases, gen_tx=parts.sched.tx, gen_lr=parts.sched.lr,
+      ema_decay=config.stage1.ema_decay, state_shardings=shardings,
+      batch_sharding=mesh_lib.batch_sharding(mesh), frozen_shardings=frozen_shardings,
+      disc=parts.disc, disc_tx=d.tx if d else None, disc_lr=d.lr if d else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,8 +504,8 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
   rae, rae_vars = builders.build_rae(config, workdir, with_stats=False)
   source = data_lib.make_source(config.data)
   gb = s1.global_batch_size
-  sched = common.optimizer(s1.optim, len(source), gb)
-  phases = Phases.from_config(s1, settings, sched.steps_per_epoch)
+  parts = build_parts(config, len(source))
+  sched, phases, disc = parts.sched, parts.phases, parts.disc
   logging.info("stage 1: %d examples, %d steps/epoch, %d steps, batch %d, tau %.2f; L1 x%g, LPIPS "
                "x%g from step %d, GAN x%g from step %d, D updates from step %d", len(source),
                sched.steps_per_epoch, sched.num_steps, gb, settings.noise_tau, settings.l1_weight,
@@ -453,28 +519,20 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
   frozen = {"encoder": rae_vars["encoder"]}
   if lpips_params is not None:
     frozen["lpips"] = lpips_params
-  disc = disc_sched = None
-  if settings.gan_on:
-    disc = build_discriminator(s1.disc, builders.compute_dtype(config),
-                               builders.attention_impl(config))
+  if disc is not None:
     frozen["dino"] = frozen_dino_params(disc, s1.disc, jax.random.fold_in(init_key, 2))
-    disc_sched = common.optimizer(s1.disc.optim, len(source), gb)
 
   # A pretrained decoder is an argument of the jitted init, not a closure (no baked constants).
   state, shardings = init_train_state(
       rae.init_decoder if pretrained is None else None, sched.tx, init_key, train_key, mesh,
       params=pretrained,
-      init_extra=disc_extra_init(disc, disc_sched.tx) if disc is not None else None)
+      init_extra=disc_extra_init(disc, parts.disc_sched.tx) if disc is not None else None)
   builders.log_params("stage-1 decoder", state.params)
-  if settings.gan_on:
+  if disc is not None:
     builders.log_params("discriminator heads", state.extra["disc"])
   frozen = common.replicated(mesh, frozen)
-  frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
-  step_fn = make_stage1_step(
-      rae, settings, phases, gen_tx=sched.tx, gen_lr=sched.lr, ema_decay=s1.ema_decay,
-      state_shardings=shardings, batch_sharding=mesh_lib.batch_sharding(mesh),
-      frozen_shardings=frozen_shardings, disc=disc,
-      disc_tx=disc_sched.tx if disc_sched else None, disc_lr=disc_sched.lr if disc_sched else None)
+  step_fn = make_step(config, rae, parts, shardings, mesh,
+                      jax.tree.map(lambda a: a.sharding, frozen))
 
   it = common.data_iterator(source, mesh, gb, config.seed, config=config)
   writer = common.writer(config, workdir, builders.STAGE1_DIR)
