@@ -176,7 +176,8 @@ def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
 # Sections/fields that cannot change a training run's math: changing them on resume is free.
 RESUME_EXEMPT = ("log", "eval", "checkpoint", "resume", "distributed", "sample", "sampler",
                  "export", "interop", "mesh", "data.num_threads", "data.prefetch", "data.data_dir",
-                 "data.eval_split", "profile", "model.attention_impl")
+                 "data.eval_split", "profile", "model.attention_impl",
+                 "model.remat_policy", "decoder.remat_policy")
 # The length of a run (extending it keeps the LR schedule, which is set in epochs).
 RESUME_EXEMPT_SUFFIXES = ("optim.num_steps", "optim.epochs")
 # Sections the other stage's training never reads.

@@ -32,6 +32,7 @@ def ditdh(hidden, depth, heads, *, input_size=16, in_channels=768, num_classes=1
       wo_shift=False,
       use_pos_embed=True,
       remat=False,
+      remat_policy="nothing_saveable",  # models/layers.py REMAT_POLICIES; used when remat
       scan_layers=False,
       # JAX-only: the attention kernel of every transformer in the run (models/attention.py).
       attention_impl="auto",
@@ -54,7 +55,7 @@ def lightning_dit(hidden=1152, depth=28, heads=16, *, input_size=16, in_channels
       hidden_size=hidden, depth=depth, num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1,
       num_classes=num_classes, learn_sigma=False, use_qknorm=False, use_swiglu=True,
       use_rope=True, use_rmsnorm=True, wo_shift=False, use_gembed=True, remat=False,
-      scan_layers=False, attention_impl="auto"))
+      remat_policy="nothing_saveable", scan_layers=False, attention_impl="auto"))
 
 
 def dinov2_b_encoder(input_size: int = 224) -> mlc.ConfigDict:
@@ -94,7 +95,7 @@ def vit_decoder(name: str = "XL", *, patch_size: int = 16) -> mlc.ConfigDict:
                  decoder_num_attention_heads=16, decoder_intermediate_size=4096),
   }[name]
   return mlc.ConfigDict(dict(patch_size=patch_size, layer_norm_eps=1e-12, remat=False,
-                             pretrained="", **sizes))
+                             remat_policy="nothing_saveable", pretrained="", **sizes))
 
 
 def optim(*, lr, final_lr, schedule, warmup_epochs, decay_end_epoch, epochs, warmup_from_zero,

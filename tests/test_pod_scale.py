@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import rel_err
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from rae_jax.models.decoder import ViTDecoder
@@ -115,3 +116,134 @@ def test_imported_weights_are_arguments_not_constants():
   with pytest.raises(ValueError, match='exactly one'):
     state_lib.init_program(lambda k: params, tx, jax.random.PRNGKey(0), jax.random.PRNGKey(1),
                            mesh, params=params)
+
+
+# ------------------------------------------------------------------ item 3: activation shardings
+def _compiled_step_text(model, batch_size, mesh):
+  import train_worker as tw
+  from rae_jax.train import optim, step as step_lib
+  tx = optim.make_optimizer(1e-3, clip_grad=1.0)
+  init = tw.init_params_fn(model)
+  abstract = jax.eval_shape(
+      lambda k: state_lib.create_train_state(init(k), tx, jax.random.PRNGKey(1)),
+      jax.random.PRNGKey(0))
+  shardings = state_lib.state_shardings(abstract, mesh, min_size=256)
+  bsh = mesh_lib.batch_sharding(mesh)
+  batch = {'latent': jax.ShapeDtypeStruct((batch_size,) + tw.LATENT, jnp.float32, sharding=bsh),
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=bsh)}
+  step = step_lib.make_train_step(tw.make_loss_fn(model), tx, 0.9, shardings, bsh)
+  lowered = step.lower(state_lib.abstract_state(abstract, shardings), batch)
+  # SPMD partitioning (where the collectives come from) does not depend on the backend level.
+  return lowered.compile(compiler_options={'xla_backend_optimization_level': 0}).as_text()
+
+
+def _gathered_activations(hlo: str, batch_size: int) -> list[str]:
+  """Result types of all-gathers that assemble (global batch, tokens, ...) activations."""
+  out = []
+  for m in re.finditer(r'= (\w+\[([\d,]*)\])\S* all-gather(?:-start)?\(', hlo):
+    dims = [int(d) for d in m.group(2).split(',') if d]
+    if len(dims) >= 3 and dims[0] == batch_size:
+      out.append(m.group(1))
+  return out
+
+
+def test_scanned_blocks_keep_activations_batch_sharded():
+  """scan_layers=True used to all-gather (B, N, D) activations of the global batch in every
+  block; the blocks' sharding constraints keep them split (checked in the compiled HLO)."""
+  import train_worker as tw
+  batch = 40  # distinct from every width, so a leading 40 is the batch
+  mesh = mesh_lib.make_mesh(1, 8)
+  model = tw.tiny_model(scan_layers=True, hidden_size=(48, 64), depth=(2, 1))
+  gathered = _gathered_activations(_compiled_step_text(model, batch, mesh), batch)
+  assert gathered == [], gathered
+  # The check does see such gathers: the same scanned model without the mesh context (no
+  # constraints) gathers them.
+  from rae_jax.models import layers
+  saved = layers.BATCH_AXES
+  layers.BATCH_AXES = ('no_such_axis',)
+  try:
+    model = tw.tiny_model(scan_layers=True, hidden_size=(48, 64), depth=(2, 1))
+    assert _gathered_activations(_compiled_step_text(model, batch, mesh), batch)
+  finally:
+    layers.BATCH_AXES = saved
+
+
+# ------------------------------------------------------------------ item 4: remat policies
+# Remat does not change the math; the CPU backend's optimisation level does not matter for that.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+COMPILED_POLICIES = {'ditdh': ('nothing_saveable', 'dots_with_no_batch_dims_saveable',
+                               'save_attention_out'),
+                     'lightning': (), 'decoder': ('save_attention_out',)}
+
+
+def _fast_jit(fn, *args):
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
+def test_remat_policies_keep_the_math_and_trade_memory():
+  """Remat policies give the same gradients as no remat (DiTDH, decoder); the saved-activation
+  estimate falls from no remat to nothing_saveable for every block stack."""
+  from rae_jax.models import layers
+  from rae_jax.models.lightning_dit import LightningDiT
+  from rae_jax.train import memory
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  t, y = jnp.array([0.3, 0.7]), jnp.array([1, 2])
+  models = {
+      'ditdh': (DiTDH(input_size=4, in_channels=8, hidden_size=(32, 48), depth=(2, 1),
+                      num_heads=(2, 2), num_classes=4, scan_layers=True),
+                lambda m, p: jnp.sum(m.apply({'params': p}, x, t, y) ** 2)),
+      'lightning': (LightningDiT(input_size=4, in_channels=8, hidden_size=32, depth=2,
+                                 num_heads=2, num_classes=4),
+                    lambda m, p: jnp.sum(m.apply({'params': p}, x, t, y) ** 2)),
+      'decoder': (ViTDecoder(hidden_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=2,
+                             decoder_num_attention_heads=2, decoder_intermediate_size=64,
+                             patch_size=2, num_patches=16),
+                  lambda m, p: jnp.sum(m.apply({'params': p}, x.reshape(2, 16, 8)) ** 2)),
+  }
+  for name, (model, loss) in models.items():
+    inputs = (x.reshape(2, 16, 8),) if name == 'decoder' else (x, t, y)
+    params = model.init(jax.random.PRNGKey(1), *inputs)['params']
+    # Zero-initialised adaLN / output layers would make every gradient zero: perturb them.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    params = jax.tree.unflatten(tree, [v + 0.05 * jax.random.normal(k, v.shape)
+                                       for v, k in zip(leaves, keys)])
+    if COMPILED_POLICIES[name]:
+      ref = _fast_jit(jax.grad(lambda p: loss(model, p)), params)(params)
+    saved = {}
+    for policy in [None] + sorted(layers.REMAT_POLICIES):
+      m = model if policy is None else model.clone(remat=True, remat_policy=policy)
+      saved[policy] = memory.residual_bytes(lambda p: loss(m, p), params)  # tracing only
+      if policy not in COMPILED_POLICIES[name]:
+        continue  # LightningDiT shares DiTDH's block stack; compile time is precious
+      g = _fast_jit(jax.grad(lambda p: loss(m, p)), params)(params)
+      # Leaf-wise against the largest gradient: some (attention key biases) are exactly zero
+      # in theory and only float noise in practice.
+      scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(ref))
+      errs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
+              for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref))]
+      assert max(errs) < 1e-5, (name, policy, max(errs))
+    assert saved['nothing_saveable'] < saved['save_attention_out'] < saved[None], (name, saved)
+    assert saved['dots_saveable'] < saved[None], (name, saved)
+  with pytest.raises(ValueError, match='remat_policy'):
+    layers.remat_policy('everything')
+
+
+def test_memory_check_fails_before_compiling_with_the_fields_to_change():
+  from rae_jax.train import memory
+  mesh = mesh_lib.make_mesh(1, 8)
+  shapes = {'w': jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}
+  tx = optax.adam(1e-3)
+  abstract = jax.eval_shape(lambda: state_lib.create_train_state(
+      {'w': jnp.zeros((1024, 1024))}, tx, jax.random.PRNGKey(0)))
+  shardings = state_lib.state_shardings(abstract, mesh)
+  est = memory.estimate(abstract, shardings, activation_bytes_global=64 * 2**20, batch_shards=8)
+  # params + EMA + 2 moments + grads, 4 MiB each, split 8 ways; 8 MiB of activations per device
+  # (+16: step, rng key and Adam's count, replicated)
+  assert est['state'] == 4 * 2**22 // 8 + 16 and est['grads'] == 2**22 // 8
+  assert est['activations'] == 8 * 2**20
+  memory.check_fits(est, None)  # unknown limit (CPU): no check
+  memory.check_fits(est, 2**30)
+  with pytest.raises(MemoryError, match=r'saved activations 0\.01 GiB.*remat_policy'):
+    memory.check_fits(est, 8 * 2**20)
+  del shapes

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rae_jax.models import resize as rs
+from rae_jax.models.layers import maybe_remat
 from rae_jax.models.vit_blocks import ViTBlock, layer_norm
 
 
@@ -77,6 +78,7 @@ class ViTDecoder(nn.Module):
   qkv_bias: bool = True
   dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # layers.REMAT_POLICIES (used when remat)
   attention_impl: str = "auto"  # see rae_jax.models.attention
 
   @property
@@ -101,7 +103,7 @@ class ViTDecoder(nn.Module):
         "decoder_pos_embed", lambda _, shape: jnp.asarray(table).reshape(shape), table.shape)
     self.trainable_cls_token = self.param(
         "trainable_cls_token", nn.initializers.zeros, (1, 1, self.decoder_hidden_size))
-    block = nn.remat(ViTBlock) if self.remat else ViTBlock
+    block = maybe_remat(ViTBlock, self.remat, self.remat_policy)
     self.decoder_layers = [
         block(num_heads=self.decoder_num_attention_heads, mlp_dim=self.decoder_intermediate_size,
               layer_norm_eps=self.layer_norm_eps, act=self.hidden_act, qkv_bias=self.qkv_bias,

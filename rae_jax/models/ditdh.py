@@ -50,6 +50,7 @@ class DiTDH(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str = "auto"  # xla | cudnn | splash | auto (models/attention.py)
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # layers.REMAT_POLICIES (used when remat)
   scan_layers: bool = False
 
   def __post_init__(self):
@@ -110,6 +111,7 @@ class DiTDH(nn.Module):
     t_emb = layers.GaussianFourierEmbedder(enc_w, dtype=self.dtype, name="t_embedder")(t)
     y_emb = layers.LabelEmbedder(self.num_classes, enc_w, self.class_dropout_prob,
                                  dtype=self.dtype, name="y_embedder")(y, train, force_drop_ids)
+    t_emb, y_emb = layers.constrain_batch(t_emb), layers.constrain_batch(y_emb)
     cond = nn.silu(t_emb + y_emb)
 
     # Encoder: s tokens conditioned on (t, y).
@@ -117,7 +119,8 @@ class DiTDH(nn.Module):
     if self.use_pos_embed:
       s = s + jnp.asarray(layers.get_2d_sincos_pos_embed(enc_w, s_grid), self.dtype)
     s = layers.block_stack(s, cond, depth=enc_d, first_index=0, scan=self.scan_layers,
-                           remat=self.remat, scan_name="enc_blocks",
+                           remat=self.remat, remat_policy=self.remat_policy,
+                           scan_name="enc_blocks",
                            **self._block_kwargs(enc_w, enc_h, s_grid))
     s = nn.silu(t_emb[:, None, :] + s)
     if enc_w != dec_w:
@@ -127,7 +130,8 @@ class DiTDH(nn.Module):
     # Head: x tokens conditioned token-wise on s.
     z = layers.PatchEmbed(x_p, dec_w, dtype=self.dtype, name="x_embedder")(x)
     z = layers.block_stack(z, s, depth=dec_d, first_index=enc_d, scan=self.scan_layers,
-                           remat=self.remat, scan_name="head_blocks",
+                           remat=self.remat, remat_policy=self.remat_policy,
+                           scan_name="head_blocks",
                            **self._block_kwargs(dec_w, dec_h, x_grid))
     z = layers.FinalLayer(dec_w, x_p * x_p * c, use_rmsnorm=self.use_rmsnorm, dtype=self.dtype,
                           name="final_layer")(z, s)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from rae_jax.models.attention import dot_product_attention
 
@@ -318,6 +319,27 @@ def draw_label_drop(key, shape, prob: float) -> jax.Array:
 # adaLN-modulated blocks.
 
 
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over (train/mesh.py)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins activations to batch sharding over ('data', 'fsdp') when traced under a mesh.
+
+  Inside nn.scan the partitioner loses the batch sharding of the carry and all-gathers whole
+  global-batch activations in every layer (~97 GiB per device per step for DiTDH-XL at batch
+  1024 on 64 devices); the constraint keeps them split. Without a mesh (or with a batch the
+  mesh does not divide) it is the identity, so single-device use is unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  if shards <= 1 or x.shape[0] % shards:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 def match_tokens(mod: jax.Array, num_tokens: int) -> jax.Array:
   """Per-sample (B, D) or token-wise (B, L, D) conditioning -> broadcastable to (B, N, D).
 
@@ -362,6 +384,7 @@ class DiTBlock(nn.Module):
   def __call__(self, x, c):
     d = self.hidden_size
     n_mod = 4 if self.wo_shift else 6
+    x, c = constrain_batch(x), constrain_batch(c)
     mod = nn.Dense(n_mod * d, dtype=self.dtype, name="adaLN_modulation", **ZERO_INIT)(nn.silu(c))
     chunks = jnp.split(match_tokens(mod, x.shape[1]), n_mod, axis=-1)
     if self.wo_shift:
@@ -369,22 +392,23 @@ class DiTBlock(nn.Module):
     else:
       shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
 
-    h = modulate(make_norm(self.use_rmsnorm, "norm1", self.dtype)(x).astype(x.dtype),
-                 shift_msa, scale_msa)
+    h = constrain_batch(modulate(make_norm(self.use_rmsnorm, "norm1", self.dtype)(x)
+                                 .astype(x.dtype), shift_msa, scale_msa))
     h = Attention(self.num_heads, qk_norm=self.use_qknorm, use_rmsnorm=self.use_rmsnorm,
                   rope_grid=self.rope_grid, xavier=self.xavier, dtype=self.dtype,
                   attention_impl=self.attention_impl, name="attn")(h)
+    h = checkpoint_name(h, ATTENTION_OUT)  # kept by remat_policy="save_attention_out"
     x = x + gate_msa * h
 
-    h = modulate(make_norm(self.use_rmsnorm, "norm2", self.dtype)(x).astype(x.dtype),
-                 shift_mlp, scale_mlp)
+    h = constrain_batch(modulate(make_norm(self.use_rmsnorm, "norm2", self.dtype)(x)
+                                 .astype(x.dtype), shift_mlp, scale_mlp))
     mlp_hidden = int(d * self.mlp_ratio)
     if self.use_swiglu:
       mlp = SwiGLU(swiglu_hidden(d, self.mlp_ratio), d, xavier=self.xavier, dtype=self.dtype,
                    name="mlp")
     else:
       mlp = Mlp(mlp_hidden, d, xavier=self.xavier, dtype=self.dtype, name="mlp")
-    x = x + gate_mlp * mlp(h)
+    x = constrain_batch(x + gate_mlp * mlp(h))
     return (x, None) if self.scanned else x
 
 
@@ -406,16 +430,40 @@ class FinalLayer(nn.Module):
     return out.astype(jnp.float32)  # the model output (velocity) leaves in float32
 
 
+# Rematerialisation policies for block stacks (what the backward pass may keep instead of
+# recomputing). Memory falls and recompute rises from "dots_saveable" to "nothing_saveable";
+# bench/train_step.py prints both per policy. Remat never changes the math.
+ATTENTION_OUT = "attention_out"
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+}
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={name!r}; valid: {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+def maybe_remat(cls, remat: bool, policy: str, *, scan: bool = False):
+  """nn.remat(cls) with the named save policy when `remat`, else cls."""
+  if not remat:
+    return cls
+  return nn.remat(cls, prevent_cse=not scan, policy=remat_policy(policy))
+
+
 def block_stack(x, c, *, depth: int, first_index: int, scan: bool, remat: bool,
-                scan_name: str, **block_kwargs):
+                scan_name: str, remat_policy: str = "nothing_saveable", **block_kwargs):
   """Apply `depth` DiTBlocks; must be called inside a parent's compact method.
 
   Unscanned blocks are named blocks_{first_index + i} (the reference's global block index);
   scanned ones are one module `scan_name` whose params carry a leading layer axis.
   """
-  cls = DiTBlock
-  if remat:
-    cls = nn.remat(cls, prevent_cse=not scan)
+  cls = maybe_remat(DiTBlock, remat, remat_policy, scan=scan)
   if scan:
     stack = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=nn.broadcast, length=depth)

@@ -36,6 +36,7 @@ class LightningDiT(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str = "auto"  # xla | cudnn | splash | auto (models/attention.py)
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # layers.REMAT_POLICIES (used when remat)
   scan_layers: bool = False
 
   @property
@@ -63,10 +64,11 @@ class LightningDiT(nn.Module):
                                            name="t_embedder")(t)
     y_emb = layers.LabelEmbedder(self.num_classes, d, self.class_dropout_prob, dtype=self.dtype,
                                  name="y_embedder")(y, train, force_drop_ids)
-    cond = t_emb + y_emb
+    cond = layers.constrain_batch(t_emb) + layers.constrain_batch(y_emb)
 
     z = layers.block_stack(
         z, cond, depth=self.depth, first_index=0, scan=self.scan_layers, remat=self.remat,
+        remat_policy=self.remat_policy,
         scan_name="blocks", hidden_size=d, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
         use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu, use_rmsnorm=self.use_rmsnorm,
         wo_shift=self.wo_shift, rope_grid=grid if self.use_rope else 0, xavier=True,

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from rae_jax.models.attention import dot_product_attention
 
@@ -93,6 +94,7 @@ class ViTBlock(nn.Module):
 
     y = layer_norm(self.layer_norm_eps, "norm1", dtype=self.dtype)(x)
     y = Attention(self.num_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(y)
+    y = checkpoint_name(y, "attention_out")  # kept by remat_policy="save_attention_out"
     x = x + scale("ls1", y)
     y = layer_norm(self.layer_norm_eps, "norm2", dtype=self.dtype)(x)
     y = Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)

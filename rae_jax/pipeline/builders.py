@@ -92,7 +92,9 @@ def build_rae(config: mlc.ConfigDict, workdir: str, *, with_stats: bool = True,
   impl = attention_impl(config)
   if config.decoder.remat or impl != "auto":
     rae = RAE(rae.encoder.clone(attention_impl=impl),
-              rae.decoder.clone(remat=bool(config.decoder.remat), attention_impl=impl),
+              rae.decoder.clone(remat=bool(config.decoder.remat), attention_impl=impl,
+                                remat_policy=config.decoder.get("remat_policy",
+                                                                "nothing_saveable")),
               rae.encoder_input_size, rae.image_mean, rae.image_std, rae.noise_tau, rae.eps)
   return rae, variables
 

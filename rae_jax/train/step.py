@@ -104,6 +104,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
 
   def step(state: TrainState, batch: Any, frozen: Any, draws: Any):
+    # Traced under the mesh, so models can pin activation shardings (layers.constrain_batch).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _step(state, batch, frozen, draws)
+
+  def _step(state: TrainState, batch: Any, frozen: Any, draws: Any):
     key = jax.random.fold_in(state.rng, state.step)
     if accum_steps == 1:
       if draws is None:

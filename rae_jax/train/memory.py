@@ -1,0 +1,72 @@
+"""Per-device memory estimate of a train step, from shapes alone (before compiling it).
+
+A pod run that does not fit should fail at start with the numbers and the fields that shrink
+them, not after minutes of compilation with an allocator error. The activation part is what the
+backward pass keeps: the residuals of jax.vjp, read off an abstract trace (jax.eval_shape), so it
+follows the model's remat policy exactly; the state part is each array's bytes over its shards.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from rae_jax.train import sharding as sharding_lib
+
+# Fields that reduce the estimate, named in the error.
+REDUCE_HINT = ('model.remat=True with remat_policy="nothing_saveable" (or decoder.remat), '
+               'a larger stage*.grad_accum_steps, a smaller stage*.global_batch_size, '
+               'compute_dtype="bfloat16", or more devices on mesh.fsdp')
+
+
+def _nbytes(tree: Any) -> int:
+  return int(sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def residual_bytes(fn: Callable[..., Any], params: Any, *args) -> int:
+  """Bytes the backward pass of fn(params, *args) keeps, for the given (abstract) inputs.
+
+  Counts the leaves of the vjp closure, which hold every saved residual (remat policies apply);
+  the parameters it references are excluded (they are counted with the train state).
+  """
+  def residuals(p, *a):
+    return jax.vjp(lambda q: fn(q, *a), p)[1]
+  saved = jax.eval_shape(residuals, params, *args)
+  param_ids = {(tuple(np.shape(x)), np.dtype(x.dtype)) for x in jax.tree.leaves(params)}
+  return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(saved)
+                 if (tuple(x.shape), np.dtype(x.dtype)) not in param_ids))
+
+
+def device_memory_bytes(device: Optional[jax.Device] = None) -> Optional[int]:
+  """The allocator's limit on an accelerator; None where unknown (CPU)."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001  (backends without memory stats)
+    return None
+  return int(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
+
+
+def estimate(abstract_state: Any, state_shardings: Any, activation_bytes_global: int,
+             batch_shards: int, accum_steps: int = 1) -> dict:
+  """Per-device bytes: train state (sharded), gradients (like params), saved activations."""
+  state = sharding_lib.replication_report(abstract_state, state_shardings)['per_device_bytes']
+  grads = sharding_lib.replication_report(abstract_state.params,
+                                          state_shardings.params)['per_device_bytes']
+  acts = activation_bytes_global // max(batch_shards * accum_steps, 1)
+  return dict(state=state, grads=grads, activations=acts, total=state + grads + acts)
+
+
+def check_fits(est: dict, limit: Optional[int], *, what: str = 'train step',
+               headroom: float = 0.9) -> None:
+  """Raises before compiling when the estimate exceeds `headroom` of the device memory."""
+  if limit is None or est['total'] <= headroom * limit:
+    return
+  gib = lambda b: f'{b / 2**30:.2f} GiB'  # noqa: E731
+  raise MemoryError(
+      f'{what}: estimated {gib(est["total"])} per device (state {gib(est["state"])}, gradients '
+      f'{gib(est["grads"])}, saved activations {gib(est["activations"])}) exceeds '
+      f'{headroom:.0%} of the device memory {gib(limit)}. Reduce it with: {REDUCE_HINT}.')
