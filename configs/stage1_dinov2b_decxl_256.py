@@ -15,5 +15,6 @@ from rae_jax import presets
 
 def get_config():
   c = presets.base_config()
+  c.compute_dtype = "auto"  # bf16 on GPU/TPU (tests/test_precision.py), float32 on CPU
   c.stage1.disc.enabled = True
   return c

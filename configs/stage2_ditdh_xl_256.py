@@ -17,5 +17,6 @@ from rae_jax import presets
 
 def get_config():
   c = presets.base_config()
+  c.compute_dtype = "auto"  # bf16 on GPU/TPU (tests/test_precision.py), float32 on CPU
   c.model = presets.ditdh_xl()
   return c

@@ -12,6 +12,7 @@ from rae_jax import presets
 
 def get_config():
   c = presets.base_config()
+  c.compute_dtype = "auto"  # bf16 on GPU/TPU (tests/test_precision.py), float32 on CPU
   c.data.image_size = 512
   c.encoder = presets.dinov2_b_encoder(input_size=448)
   c.model = presets.ditdh_xl(input_size=32)

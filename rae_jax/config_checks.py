@@ -24,7 +24,7 @@ class IgnoredFieldWarning(UserWarning):
   """A field is set but the recipe does not use it."""
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")  # rae_jax.pipeline.builders.COMPUTE_DTYPES
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # builders.compute_dtype; auto: bf16 off CPU
 DATA_SOURCES = ("tfds", "image_folder", "synthetic", "latents")
 
 

@@ -35,11 +35,17 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(config: mlc.ConfigDict):
-  """Matmul/conv/attention dtype; params, optimizer state, EMA and losses stay float32."""
-  if config.compute_dtype not in COMPUTE_DTYPES:
+  """Matmul/conv/attention dtype; params, optimizer state, EMA and losses stay float32.
+
+  'auto' (the large recipes): bfloat16 on GPU/TPU, float32 on CPU (where bf16 is emulated).
+  """
+  name = config.compute_dtype
+  if name == "auto":
+    name = "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
+  if name not in COMPUTE_DTYPES:
     raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; valid: "
-                     f"{sorted(COMPUTE_DTYPES)}")
-  return COMPUTE_DTYPES[config.compute_dtype]
+                     f"{sorted(COMPUTE_DTYPES) + ['auto']}")
+  return COMPUTE_DTYPES[name]
 
 
 def attention_impl(config: mlc.ConfigDict) -> str:
