@@ -72,6 +72,30 @@ def test_rae_bf16_latents_and_images_leave_in_float32():
                      variables)
   out = jax.eval_shape(lambda v: rae.decode(v, jnp.zeros(z.shape, z.dtype)), variables)
   assert z.dtype == F32 and out.dtype == F32
+  # Stage 1 trains the decoder: its matmuls run in bf16, LayerNorm/softmax statistics in f32.
+  jaxpr = jax.make_jaxpr(lambda v: rae.decode(v, jnp.zeros(z.shape, z.dtype)))(variables)
+  _assert_bf16_compute(jaxpr, min_dots=6)
+
+
+def _assert_bf16_compute(jaxpr, min_dots):
+  eqns = list(_eqns(jaxpr.jaxpr))
+  dots = [e for e in eqns if e.primitive.name in ("dot_general", "conv_general_dilated")
+          and "HIGHEST" not in str(e.params.get("precision"))]  # exact f32 image resizes
+  assert len(dots) >= min_dots and all(set(_in_dtypes(e)) == {BF16} for e in dots), \
+      [(e.primitive.name, _in_dtypes(e)) for e in dots]
+  for e in eqns:
+    if e.primitive.name in ("exp", "rsqrt", "log"):
+      assert _in_dtypes(e) == [F32], (e.primitive.name, _in_dtypes(e))
+
+
+def test_dino_disc_bf16_vit():
+  from rae_jax.losses.discriminator import DinoDiscriminator
+  disc = DinoDiscriminator(recipe_overrides=dict(depth=2, embed_dim=32, num_heads=2, patch_size=16),
+                           key_depths=(0,), dtype=jnp.bfloat16)
+  img = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(disc.init, jax.random.key(0), img)
+  jaxpr = jax.make_jaxpr(lambda v: disc.apply(v, img, method="features"))(variables)
+  _assert_bf16_compute(jaxpr, min_dots=8)
 
 
 def _demo_stage2_losses(dtype: str, steps: int) -> np.ndarray:
