@@ -30,7 +30,10 @@ def load_inference_rae(config: mlc.ConfigDict, workdir: str, mesh) -> tuple[Any,
   if "stats" not in variables:
     logging.warning("No latent stats (config.stats.path or --mode=stats): latents are used "
                     "un-normalised.")
-  return rae, common.replicated(mesh, variables)
+  # Encoder and decoder FSDP-sharded (only hooks and the uncached encode use them); the small
+  # latent stats replicated.
+  return rae, {k: (common.replicated(mesh, v) if k == "stats" else common.fsdp_placed(mesh, v))
+               for k, v in variables.items()}
 
 
 def load_models(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema"):

@@ -8,9 +8,9 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from rae_jax.pipeline import builders, common, generate, images
+from rae_jax.eval import generation
+from rae_jax.pipeline import common, generate, images
 from rae_jax.pipeline.loaders import load_models
-from rae_jax.train import mesh as mesh_lib
 
 
 def requested_labels(config: mlc.ConfigDict) -> np.ndarray:
@@ -28,19 +28,15 @@ def requested_labels(config: mlc.ConfigDict) -> np.ndarray:
 
 def generate_batched(config, generate_fn, params, guide_params, rae_vars, labels, mesh,
                      seed_key) -> np.ndarray:
-  """Runs generate over padded, batch-sharded chunks; returns uint8 NHWC (len(labels) images)."""
-  shards = mesh_lib.num_batch_shards(mesh)
-  per_call = max(config.eval.per_device_batch, 1) * shards
-  out = []
-  for start in range(0, len(labels), per_call):
-    idx = np.arange(start, start + per_call)
-    lab = labels[np.minimum(idx, len(labels) - 1)]
-    rows = mesh_lib.process_batch_slice(mesh, per_call)
-    g = mesh_lib.global_batch(mesh, {"y": lab[rows], "i": idx[rows].astype(np.int32)}, per_call)
-    imgs = generate_fn(params, guide_params, rae_vars, g["y"], g["i"], seed_key)
-    imgs = builders.host_tree(imgs) if jax.process_count() > 1 else np.asarray(imgs)
-    out.append(images.to_uint8(imgs))
-  return np.concatenate(out)[:len(labels)]
+  """uint8 NHWC images for `labels` (sample i has index i), generated batch-sharded.
+
+  generate_fn is the un-jitted `generate.make_generate(...)`; images stay sharded on device
+  (eval.generation.ShardedSampler) and only their uint8 form reaches the host.
+  """
+  sampler = generation.ShardedSampler(generate_fn, mesh, max(config.eval.per_device_batch, 1))
+  labels = np.asarray(labels, np.int32)
+  return sampler(params, guide_params, rae_vars, labels, np.arange(len(labels), dtype=np.int32),
+                 seed_key)
 
 
 def run_sample(config: mlc.ConfigDict, workdir: str) -> str:
@@ -48,7 +44,7 @@ def run_sample(config: mlc.ConfigDict, workdir: str) -> str:
   model, params, guide_model, guide_params, rae, rae_vars = load_models(
       config, workdir, mesh, "ema" if config.sample.use_ema else "params")
   transport = generate.transport_for(config, rae.latent_shape)
-  gen = jax.jit(generate.make_generate(config, model, rae, transport, guide_model=guide_model))
+  gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
   labels = requested_labels(config)
   key = jax.random.PRNGKey(config.seed)
   imgs = generate_batched(config, gen, params, guide_params, rae_vars, labels, mesh, key)
