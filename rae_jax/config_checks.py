@@ -92,7 +92,8 @@ def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
                         "HF checkpoint folder, or a Hugging Face repo id such as "
                         "'facebook/dinov2-with-registers-base')")
   if config.data.source in ("image_folder", "latents") and mode not in ("import_torch",
-                                                                        "export_torch"):
+                                                                        "export_torch",
+                                                                        "export_diffusers"):
     if not config.data.path:
       raise ConfigError(f"config.data.path is empty but config.data.source="
                         f"{config.data.source!r} reads from it")

@@ -42,6 +42,8 @@ MODES: dict[str, Callable[[mlc.ConfigDict, str], object]] = {
     "fid_stats": _lazy("rae_jax.pipeline.evaluate", "run_fid_stats"),
     "import_torch": _lazy("rae_jax.interop.release", "import_release"),
     "export_torch": _lazy("rae_jax.interop.release", "export_release", lambda c: c.export.which),
+    "export_diffusers": _lazy("rae_jax.pipeline.diffusers_export", "export_diffusers",
+                              lambda c: c.export.which),
     "all": _all,
 }
 

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from rae_jax.atomic import recover_dir, replace_dir
-from rae_jax.interop import decoder_names, ditdh_names, stats as stats_lib, torch_io
+from rae_jax.interop import decoder_names, diffusers_rae, ditdh_names, stats as stats_lib, torch_io
 from rae_jax.interop.common import StateDictError, check_keys
 from rae_jax.models.decoder import ViTDecoder, decoder_from_hf_config
 from rae_jax.models.ditdh import DiTDH
@@ -39,6 +39,7 @@ from rae_jax.pipeline import builders, weights
 EXPORT_DIR = "export"
 STAGING_DIR = ".import_staging"
 STATS = "stats"
+ENCODER = "encoder"  # only from a diffusers AutoencoderRAE folder -> <workdir>/encoder (HF folder)
 # (stage, config.interop field, export file stem), in import/export order.
 PARTS = (
     (builders.STAGE2_DIR, "stage2_model", "stage2_model"),
@@ -202,6 +203,7 @@ class _Item:
   tensors: torch_io.TensorFile  # -> ema_params (and params when the file has no 'model')
   expected: dict  # torch key -> shape
   params_tensors: Optional[torch_io.TensorFile] = None  # a training checkpoint's 'model' entry
+  diffusers: Optional[diffusers_rae.Source] = None  # stats / encoder of a diffusers folder
 
   @property
   def source(self) -> str:
@@ -212,7 +214,7 @@ class _Item:
 def _expected_kind(config: mlc.ConfigDict, stage: str) -> str:
   if stage in (builders.STAGE2_DIR, builders.GUIDE_DIR):
     return model_kind(_model_cfg(config, stage))
-  return {builders.STAGE1_DIR: "decoder", STATS: "stats"}[stage]
+  return {builders.STAGE1_DIR: "decoder", STATS: "stats", ENCODER: "encoder"}[stage]
 
 
 def _check_kind(item: _Item, config: mlc.ConfigDict,
@@ -266,6 +268,27 @@ def _expected_shapes(config: mlc.ConfigDict, stage: str) -> tuple[dict, tuple]:
   return {k: _stats_torch_shape(config) for k in stats_lib.KEYS}, stats_lib.KEYS
 
 
+def _diffusers_items(config: mlc.ConfigDict, spec: str) -> list[_Item]:
+  """A diffusers AutoencoderRAE folder as the decoder, stats and encoder sources."""
+  if config.interop.stats:
+    raise ValueError(f"config.interop.decoder={spec!r} is a diffusers AutoencoderRAE folder, "
+                     f"which carries the latent stats; leave config.interop.stats "
+                     f"({config.interop.stats!r}) empty")
+  src = diffusers_rae.open_source(spec, "decoder")
+  diffusers_rae.check_against_config(src, config)
+  item = _Item(builders.STAGE1_DIR, "decoder", spec, src.decoder(), {})
+  item.tensors = _check_kind(item, config)
+  item.expected, optional = _expected_shapes(config, builders.STAGE1_DIR)
+  _validate(item, config, optional)
+  missing = [k for k in ("encoder_mean", "encoder_std") if k not in src.tensors]
+  if missing:
+    raise StateDictError(f"{item.source}: missing keys {missing}")
+  logging.info("%s: diffusers AutoencoderRAE; importing its decoder, latent stats and encoder",
+               src.folder)
+  return [item, _Item(STATS, "decoder", spec, src.tensors, {}, diffusers=src),
+          _Item(ENCODER, "decoder", spec, src.tensors, {}, diffusers=src)]
+
+
 def _open_and_validate(config: mlc.ConfigDict, stage: str, field: str, spec: str) -> _Item:
   path = resolve_path(spec, field)
   item = _Item(stage, field, spec, torch_io.open_tensors(path), {})
@@ -294,6 +317,8 @@ def _convert(item: _Item, config: mlc.ConfigDict,
              tensors: Optional[torch_io.TensorFile] = None) -> Any:
   """numpy params (or (h,w,C) stats) of one validated file (`tensors`: another entry of it)."""
   item = item if tensors is None else dataclasses.replace(item, tensors=tensors)
+  if item.stage == STATS and item.diffusers is not None:
+    return item.diffusers.stats(builders.stage2_latent_shape(config), config.stats.eps)
   if item.stage == STATS:
     # Tiny file: re-read through the stats module, which owns the (C,h,w) <-> (h,w,C) layout.
     return stats_lib.load_stats(item.tensors.path, shape=builders.stage2_latent_shape(config))
@@ -330,7 +355,12 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
     raise ValueError("config.interop names no file: set one of config.interop.decoder, "
                      ".stage2_model, .guide_model, .stats")
   # 1) Everything checked before anything is written.
-  items = [_open_and_validate(config, stage, field, spec) for stage, field, spec in specs]
+  items = []
+  for stage, field, spec in specs:
+    if stage == builders.STAGE1_DIR and diffusers_rae.is_diffusers_source(spec):
+      items += _diffusers_items(config, spec)
+    else:
+      items.append(_open_and_validate(config, stage, field, spec))
 
   # 2) Convert one file at a time into a staging dir, 3) publish by renames.
   primary = jax.process_index() == 0
@@ -342,9 +372,17 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
       shutil.rmtree(staging)
     _sync("rae_jax_import_staging")
     for item in items:
-      converted = _convert(item, config)
       info = dict(source=item.tensors.path, spec=item.spec, entry=item.tensors.entry,
                   kind=_expected_kind(config, item.stage))
+      if item.stage == ENCODER:
+        if primary:
+          diffusers_rae.write_encoder_folder(item.diffusers, os.path.join(staging, ENCODER))
+        info.update(written=os.path.join(workdir, ENCODER))
+        summary[item.stage] = info
+        logging.info("import_torch: encoder <- %s; run with --config.encoder.path=%s",
+                     item.spec, info["written"])
+        continue
+      converted = _convert(item, config)
       if item.stage == STATS:
         dst = os.path.join(staging, builders.STATS_FILE)
         if primary:
@@ -371,7 +409,9 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
     _sync("rae_jax_import_converted")
     if primary:
       for item in items:
-        if item.stage == STATS:
+        if item.stage == ENCODER:
+          replace_dir(os.path.join(staging, ENCODER), os.path.join(workdir, ENCODER))
+        elif item.stage == STATS:
           dst = os.path.join(workdir, builders.STATS_FILE)
           os.makedirs(os.path.dirname(dst), exist_ok=True)
           os.replace(os.path.join(staging, builders.STATS_FILE), dst)
@@ -454,6 +494,16 @@ def _readme(config: mlc.ConfigDict, which: str, written: Mapping[str, str]) -> s
   return "\n".join(lines)
 
 
+_DIFFUSERS_SUBDIR = os.path.basename(diffusers_rae.EXPORT_SUBDIR)
+
+
+def _carry_subdir(src: str, dst: str, name: str) -> None:
+  """Move src/name to dst/name (a rename) when only src has it."""
+  if os.path.isdir(os.path.join(src, name)) and os.path.isdir(dst) and not os.path.exists(
+      os.path.join(dst, name)):
+    os.replace(os.path.join(src, name), os.path.join(dst, name))
+
+
 def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> str:
   """Write <workdir>/export/ from whatever the workdir has; returns that directory.
 
@@ -508,10 +558,12 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
     if primary:
       with open(os.path.join(tmp, "README.txt"), "w") as f:
         f.write(_readme(config, which, written))
+      _carry_subdir(final, tmp, _DIFFUSERS_SUBDIR)  # export_diffusers' folder survives
       replace_dir(tmp, final)
     _sync("rae_jax_export_published")
   except BaseException:
     if primary:
+      _carry_subdir(tmp, final, _DIFFUSERS_SUBDIR)
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   return final
