@@ -15,6 +15,11 @@ Rows:
              weights: speed only) inside the step, on 256px images.
   xl_step    DiTDH-XL (256 tokens) train step at --xl_batch: step time, images/s, FLOPs, MFU.
              bf16 on accelerators, float32 on CPU (--dtype overrides).
+  scale      Pod-scale check of DiTDH-XL and the ViT-XL decoder at --scale_devices forced host
+             devices (default mesh): replicated parameter bytes (default mesh vs all devices on
+             fsdp), per-device memory per remat policy (state + saved activations from an
+             abstract trace), and, for --scale_compile policies, compiled memory_analysis() and
+             the largest collectives of the compiled DiTDH-XL step.
   stage1_step  Stage-1 step of the ViT-XL decoder with L1 + LPIPS (VGG16) + DINO-S/8 GAN and a
              D update at 256px, DINOv2-B-sized frozen encoder (random weights), --s1_batch.
   s_step, xl_step and stage1_step print model FLOPs per step from compiled.cost_analysis() next
@@ -35,7 +40,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--rows', default='s_step,xl_compile,xl_memory,encoder',
                  help='comma-separated subset of: s_step, xl_compile, xl_memory, encoder, '
-                      'xl_step, stage1_step')
+                      'xl_step, stage1_step, scale')
   p.add_argument('--xl_batch', type=int, default=0, help='xl_step batch (0: 2 on CPU, 64 else)')
   p.add_argument('--s1_batch', type=int, default=2, help='stage1_step batch')
   p.add_argument('--s1_decoder', default='XL', help='stage1_step decoder size (B, L, XL)')
@@ -48,6 +53,9 @@ def parse_args(argv=None):
   p.add_argument('--mem_remat', default='1,0', help='remat settings for xl_memory (1,0)')
   p.add_argument('--xl_scan', default='1,0', help='scan_layers settings for xl_compile')
   p.add_argument('--image_size', type=int, default=256)
+  p.add_argument('--scale_devices', default='64,256', help='device counts for the scale row')
+  p.add_argument('--scale_compile', default='nothing_saveable',
+                 help='remat policies whose DiTDH-XL step the scale row compiles ("" for none)')
   p.add_argument('--torch_ref_src', default=None,
                  help='official RAE src/ folder: also time its train step (PyTorch, CPU)')
   p.add_argument('--torch_threads', type=int, default=0, help='torch.set_num_threads (0: default)')
@@ -55,10 +63,12 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-if 'xl_memory' in ARGS.rows:
+if 'xl_memory' in ARGS.rows or 'scale' in ARGS.rows:
   # Forced host devices must be configured before JAX initialises its CPU backend.
+  _forced = max([ARGS.mem_devices] * ('xl_memory' in ARGS.rows) +
+                [int(n) for n in ARGS.scale_devices.split(',')] * ('scale' in ARGS.rows))
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             f' --xla_force_host_platform_device_count={ARGS.mem_devices}')
+                             f' --xla_force_host_platform_device_count={_forced}')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
@@ -340,6 +350,85 @@ def bench_xl_memory(args):
     row(name, 'compile', f'{time.perf_counter() - t:.1f} s')
 
 
+def _collectives(hlo: str, top: int = 3) -> list[str]:
+  """The `top` largest collectives of an HLO module by result bytes, e.g. 'all-gather 1.2 GiB'."""
+  import re  # pylint: disable=g-import-not-at-top
+  sizes = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'u8': 1, 'pred': 1, 's8': 1}
+  found = []
+  kinds = r'(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?'
+  for m in re.finditer(r'= \(?(\w+)\[([\d,]*)\][^ ]* ' + kinds + r'\(', hlo):
+    dims = [int(d) for d in m.group(2).split(',') if d]
+    nbytes = int(np.prod(dims)) * sizes.get(m.group(1), 4)
+    found.append((nbytes, f'{m.group(3)} {m.group(1)}[{m.group(2)}]'))
+  found.sort(reverse=True)
+  return [f'{name} ({b / 2**20:.0f} MiB)' for b, name in found[:top]]
+
+
+def bench_scale(args):
+  """Replicated bytes, per-device memory per remat policy, largest collectives at pod scale."""
+  from rae_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from rae_jax.models.decoder import ViTDecoder  # pylint: disable=g-import-not-at-top
+  from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
+  from rae_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  gib = 2 ** 30
+  decoder = ViTDecoder(hidden_size=768, decoder_hidden_size=1152, decoder_num_hidden_layers=28,
+                       decoder_num_attention_heads=16, decoder_intermediate_size=4096,
+                       patch_size=16, num_patches=256, dtype=jnp.dtype(args.dtype))
+  dec_params = jax.eval_shape(lambda k: decoder.init(k, jnp.zeros((1, 256, 768)))['params'],
+                              jax.random.PRNGKey(0))
+  for n in [int(v) for v in args.scale_devices.split(',')]:
+    devices = jax.devices()[:n]
+    mesh = mesh_lib.make_mesh(-1, -1, devices=devices)
+    flat = mesh_lib.make_mesh(1, n, devices=devices)
+    b = args.per_device_batch * n
+    shape = f'{n} dev, mesh {tuple(mesh.devices.shape)}'
+    model = ditdh(XL, jnp.dtype(args.dtype), scan_layers=True)
+    step, state, shardings = setup(model, mesh, b, abstract=True)
+    for name, params in (('DiTDH-XL', state.params), ('ViT-XL decoder', dec_params)):
+      for label, m in (('default mesh', mesh), (f'all {n} on fsdp', flat)):
+        r = sharding_lib.replication_report(params, sharding_lib.fsdp_shardings(params, m,
+                                                                               min_size=1024))
+        row(f'{name}, {n} dev, {label}', 'replicated params',
+            f'{r["replicated_bytes"] / 2**20:.1f} MiB ({100 * r["replicated_fraction"]:.2f}%)')
+    per_shard = args.per_device_batch
+    x = jax.ShapeDtypeStruct((per_shard,) + LATENT, jnp.float32)
+    t = jax.ShapeDtypeStruct((per_shard,), jnp.float32)
+    y = jax.ShapeDtypeStruct((per_shard,), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((per_shard, 256, 768), jnp.float32)
+    dec_state = jax.eval_shape(lambda p: state_lib.create_train_state(
+        p, optim.make_optimizer(1e-4), jax.random.PRNGKey(0)), dec_params)
+    dec_shardings = state_lib.state_shardings(dec_state, mesh)
+    for policy in [None] + sorted(layers.REMAT_POLICIES):
+      kw = {} if policy is None else dict(remat=True, remat_policy=policy)
+      m = model.clone(**kw)
+      acts = memory.residual_bytes(
+          lambda p, x, t, y: jnp.sum(m.apply({'params': p}, x, t, y)), state.params, x, t, y)
+      est = memory.estimate(state, shardings, acts, 1)
+      row(f'DiTDH-XL, {shape}, {per_shard}/dev', f'remat={policy}',
+          f'{est["total"] / gib:.2f} GiB (state {est["state"] / gib:.2f}, act '
+          f'{est["activations"] / gib:.2f})')
+      d = decoder.clone(**kw)
+      acts = memory.residual_bytes(lambda p, z: jnp.sum(d.apply({'params': p}, z)),
+                                   dec_params, tokens)
+      est = memory.estimate(dec_state, dec_shardings, acts, 1)
+      row(f'ViT-XL decoder fwd/bwd, {shape}, {per_shard}/dev', f'remat={policy}',
+          f'{est["total"] / gib:.2f} GiB (state {est["state"] / gib:.2f}, act '
+          f'{est["activations"] / gib:.2f})')
+    for policy in [p for p in args.scale_compile.split(',') if p]:
+      m = model.clone(remat=True, remat_policy=policy)
+      step, state, shardings = setup(m, mesh, b, abstract=True)
+      t0 = time.perf_counter()
+      compiled = step.lower(state, latent_batch(mesh, b, abstract=True)).compile()
+      mem = compiled.memory_analysis()
+      total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
+               mem.temp_size_in_bytes)
+      name = f'DiTDH-XL step compiled, {shape}, {per_shard}/dev, remat={policy}'
+      row(name, 'memory_analysis (GiB/dev)',
+          f'{total / gib:.2f} (args {mem.argument_size_in_bytes / gib:.2f}, temp '
+          f'{mem.temp_size_in_bytes / gib:.2f}); compile {time.perf_counter() - t0:.0f} s')
+      row(name, 'largest collectives', '; '.join(_collectives(compiled.as_text())))
+
+
 def bench_encoder(args):
   """Steps/s from cached latents vs. encoding 256px images with DINOv2-B inside the step."""
   from rae_jax.models.resize import resize_bicubic  # pylint: disable=g-import-not-at-top
@@ -395,6 +484,8 @@ def main():
       bench_xl_step(args)
     elif r == 'stage1_step':
       bench_stage1_step(args)
+    elif r == 'scale':
+      bench_scale(args)
     else:
       raise SystemExit(f'unknown row {r!r}')
   print('\n| benchmark | metric | value |\n|---|---|---|')

@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from rae_jax import data as data_lib
+from rae_jax.eval import generation
 from rae_jax.models.layers import draw_label_drop
 from rae_jax.pipeline import builders, common, generate, images, loaders, weights
 from rae_jax.pipeline.latents import LATENT_CACHE
@@ -163,21 +164,23 @@ def _guidance_during_training(config: mlc.ConfigDict, workdir: str, mesh):
 def _sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer,
                  guide_model=None, guide_params=None):
   """Every log.sample_every_steps: a class-per-row grid from the EMA params."""
-  gen = jax.jit(generate.make_generate(config, model, rae, transport, guide_model=guide_model))
+  # Batch-sharded like eval: each device generates its share, not every image.
   n = min(config.sample.num_images, 8 * config.data.num_classes)
+  sampler = generation.ShardedSampler(
+      generate.make_generate(config, model, rae, transport, guide_model=guide_model), mesh,
+      per_device_batch=-(-n // mesh_lib.num_batch_shards(mesh)))
   labels = generate.class_labels(n, config.data.num_classes)
-  idx = np.arange(n)
+  idx = np.arange(n, dtype=np.int32)
   key = jax.random.PRNGKey(config.seed + 1)
 
   def hook(step, state, metrics):
     del metrics
     if step % config.log.sample_every_steps:
       return
-    imgs = np.asarray(jax.device_get(gen(state.ema_params, guide_params, rae_vars, labels, idx,
-                                         key)))
-    writer.images(step, "stage2/samples", imgs)
+    imgs = sampler(state.ema_params, guide_params, rae_vars, labels, idx, key)  # uint8
+    writer.images(step, "stage2/samples", imgs.astype(np.float32) / 255.0)
     if common.is_main():
-      grid = images.make_grid(images.to_uint8(imgs), config.sample.grid_cols)
+      grid = images.make_grid(imgs, config.sample.grid_cols)
       images.write_png(grid, os.path.join(workdir, builders.STAGE2_DIR, "samples",
                                           f"step_{step:08d}.png"))
 
