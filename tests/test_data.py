@@ -313,7 +313,7 @@ def test_latent_cache_writer_reader_and_flip_choice(tmp_path):
   labels = np.arange(n) % 5
   # Two processes write interleaved index sets, shards of 4 examples.
   for p in (0, 1):
-    w = LatentCacheWriter(str(tmp_path), process_index=p)
+    w = LatentCacheWriter(str(tmp_path), process_index=p, dtype=np.float32)  # exact compare
     mine = np.arange(p, n, 2)
     for k in range(0, len(mine), 4):
       sel = mine[k:k + 4]

@@ -64,10 +64,10 @@ class _PendingBatch:
     self.skipped = np.zeros((size,), np.int64)
     self._lock = threading.Lock()
 
-  def slot(self, j: int, shape: tuple[int, ...]) -> np.ndarray:
+  def slot(self, j: int, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     with self._lock:
       if self.data is None:
-        self.data = np.empty((self.size,) + shape, np.float32)
+        self.data = np.empty((self.size,) + shape, dtype)
     if self.data.shape[1:] != shape:
       raise ValueError(f"example shapes differ within a batch: {shape} vs {self.data.shape[1:]} "
                        "(image sources must be center-cropped to data.image_size)")
@@ -100,8 +100,11 @@ class DataIterator:
   def __init__(self, source, global_batch_size: int, *, seed: int = 0,
                process_index: int | None = None, process_count: int | None = None,
                train: bool = True, flip: bool = True, prefetch: int = 2, num_threads: int = 2,
-               max_consecutive_failures: int = 100):
+               max_consecutive_failures: int = 100, image_dtype=np.float32):
     self.source = source
+    self.image_dtype = np.dtype(image_dtype)
+    if self.image_dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
+      raise ValueError(f"image_dtype must be float32 ([0, 1]) or uint8, got {self.image_dtype}")
     self.global_batch_size = int(global_batch_size)
     self.process_index = jax.process_index() if process_index is None else int(process_index)
     self.process_count = jax.process_count() if process_count is None else int(process_count)
@@ -206,13 +209,17 @@ class DataIterator:
       if example.ndim != 3:
         raise ValueError(f"latent source gave a latent of shape {example.shape} after choosing the "
                          "flip, expected (h, w, C) (sources return (2, h, w, C) pairs)")
-      batch.slot(j, example.shape)[...] = example
+      batch.slot(j, example.shape, example.dtype)[...] = example
     else:
       example = np.asarray(example)
       if example.dtype != np.uint8 or example.ndim != 3 or example.shape[-1] != 3:
         raise ValueError(f"image source returned {example.dtype} {example.shape}, "
                          "expected uint8 (H, W, 3)")
-      to_unit_float(hflip(example) if flip else example, out=batch.slot(j, example.shape))
+      example = hflip(example) if flip else example
+      if self.image_dtype == np.uint8:  # 4x fewer bytes to the device; converted there
+        batch.slot(j, example.shape, np.uint8)[...] = example
+      else:
+        to_unit_float(example, out=batch.slot(j, example.shape))
     batch.labels[j] = label
     batch.skipped[j] = int(replaced)
 

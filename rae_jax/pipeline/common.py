@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections as mlc
+import numpy as np
 import optax
 from absl import logging
 
@@ -27,12 +28,13 @@ def make_mesh(config: mlc.ConfigDict):
 
 
 def data_iterator(source, mesh, global_batch: int, seed: int, *, train: bool = True,
-                  config: Optional[mlc.ConfigDict] = None) -> data_lib.DataIterator:
+                  config: Optional[mlc.ConfigDict] = None,
+                  image_dtype=np.float32) -> data_lib.DataIterator:
   """This process's slice of each global batch; checks it is the slice the mesh expects."""
   it = data_lib.DataIterator(
       source, global_batch, seed=seed, train=train, flip=train,
       prefetch=config.data.prefetch if config else 2,
-      num_threads=config.data.num_threads if config else 2)
+      num_threads=config.data.num_threads if config else 2, image_dtype=image_dtype)
   expected = mesh_lib.process_batch_slice(mesh, global_batch)
   got = slice(it.process_index * it.local_batch_size, (it.process_index + 1) * it.local_batch_size)
   if (expected.start, expected.stop) != (got.start, got.stop):

@@ -211,7 +211,8 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
 
   def batch_done(b):
     return bool(done_mask[b * gb:(b + 1) * gb].all())
-  writer = data_lib.LatentCacheWriter(directory, process_index=jax.process_index())
+  writer = data_lib.LatentCacheWriter(directory, process_index=jax.process_index(),
+                                      dtype=config.stage2.get("latent_cache_dtype", "float16"))
   rep = common.replicated(mesh, variables["encoder"])
 
   @jax.jit

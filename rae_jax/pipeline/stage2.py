@@ -115,7 +115,8 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   step_fn = make_step(config, model, rae, transport, sched, shardings, mesh,
                       from_cache=from_cache, frozen_shardings=frozen_shardings)
-  it = common.data_iterator(source, mesh, gb, config.seed, config=config)
+  # Images travel as uint8 and become float on device (train.step.images_to_unit_float).
+  it = common.data_iterator(source, mesh, gb, config.seed, config=config, image_dtype=np.uint8)
   writer = common.writer(config, workdir, builders.STAGE2_DIR)
   hooks = []
   if config.log.sample_every_steps > 0 or config.eval.online_every_steps > 0:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -50,6 +51,19 @@ class TrainStep:
 
   def lower(self, state, batch, frozen=None, draws=None):
     return self.jitted.lower(*self._args(state, batch, frozen, draws))
+
+
+# v / 255 for every byte, divided on the host: XLA turns a division by a constant into a
+# multiplication (1 ulp off), a table keeps device and host paths bit-identical.
+_UNIT_FLOAT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
+def images_to_unit_float(batch: Any) -> Any:
+  """uint8 'image' leaves (sent as bytes: 4x less host-to-device traffic) -> float32 in [0, 1],
+  bit-identical to the host path (data.transforms.to_unit_float)."""
+  if isinstance(batch, dict) and getattr(batch.get('image'), 'dtype', None) == jnp.uint8:
+    batch = dict(batch, image=jnp.asarray(_UNIT_FLOAT)[batch['image'].astype(jnp.int32)])
+  return batch
 
 
 def _mean_aux(aux: dict) -> dict:
@@ -109,6 +123,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       return _step(state, batch, frozen, draws)
 
   def _step(state: TrainState, batch: Any, frozen: Any, draws: Any):
+    batch = images_to_unit_float(batch)
     key = jax.random.fold_in(state.rng, state.step)
     if accum_steps == 1:
       if draws is None:
