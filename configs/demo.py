@@ -18,7 +18,6 @@ def get_config():
   c.data.image_size = 32
   c.data.num_classes = 10
   c.data.synthetic_size = 2000
-  c.data.num_threads = 2
 
   # 32px / patch 8 -> 4x4 tokens of width 64: latents (4, 4, 64).
   c.encoder.name = "toy_vit"

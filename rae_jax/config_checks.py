@@ -54,7 +54,10 @@ def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
   _positive_int("config.checkpoint.every_steps", config.checkpoint.every_steps)
   _positive_int("config.checkpoint.keep", config.checkpoint.keep)
   _positive_int("config.log.every_steps", config.log.every_steps)
-  _positive_int("config.data.num_threads", config.data.num_threads)
+  if (isinstance(config.data.num_threads, bool) or not isinstance(config.data.num_threads, int)
+      or config.data.num_threads < 0):
+    raise ConfigError(f"config.data.num_threads={config.data.num_threads!r}: must be an integer "
+                      ">= 0 (0: one loader thread per usable core)")
   _positive_int("config.stage1.global_batch_size", config.stage1.global_batch_size)
   _positive_int("config.stage2.global_batch_size", config.stage2.global_batch_size)
   for name, optim in (("config.stage1.optim", config.stage1.optim),

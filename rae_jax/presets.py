@@ -132,7 +132,7 @@ def base_config() -> mlc.ConfigDict:
       image_size=256,
       num_classes=1000,
       synthetic_size=0,
-      num_threads=4,
+      num_threads=0,  # loader threads; 0: one per core this process may use (sched_getaffinity)
       prefetch=2,
   ))
 

@@ -25,7 +25,9 @@ preallocated batch buffer. Threads rather than processes because (i) hosts may h
 2 cores, and PIL's decode/resize and numpy's uint8 -> float conversion release the GIL,
 so threads use both cores without pickling images between processes; (ii) forking a
 process that has initialised JAX is unsafe; (iii) grain or tf.data would be extra
-heavy dependencies for the same result. Raise `num_threads` on many-core TPU/GPU hosts.
+heavy dependencies for the same result. `num_threads` defaults to the cores this process may
+run on (`resolve_num_threads`): on a 2-core host 2 threads beat 4 (580 vs 534 img/s), which
+fight for the cores.
 Because slots and replacements are fixed before any task runs, the output never
 depends on thread scheduling.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
 import threading
 from typing import Any, Mapping
 
@@ -41,6 +44,32 @@ import numpy as np
 from absl import logging
 
 from rae_jax.data.transforms import hflip, to_unit_float
+
+
+_LOGGED_THREADS: set[tuple[int | None, int]] = set()
+_LOGGED_THREADS_LOCK = threading.Lock()
+
+
+def usable_cores() -> int:
+  """CPU cores this process may run on (its affinity mask: what a container or taskset grants)."""
+  try:
+    return max(len(os.sched_getaffinity(0)), 1)
+  except (AttributeError, OSError):  # No sched_getaffinity (macOS).
+    return max(os.cpu_count() or 1, 1)
+
+
+def resolve_num_threads(num_threads: int | None) -> int:
+  """data.num_threads: a positive count is kept; 0 or None means `usable_cores()`. Logged once."""
+  requested = None if num_threads is None or int(num_threads) <= 0 else int(num_threads)
+  resolved = usable_cores() if requested is None else requested
+  with _LOGGED_THREADS_LOCK:
+    first = (requested, resolved) not in _LOGGED_THREADS
+    _LOGGED_THREADS.add((requested, resolved))
+  if first:
+    logging.info("data: %d loader threads (%s; this process may use %d cores)", resolved,
+                 "data.num_threads=0: one per usable core" if requested is None
+                 else f"data.num_threads={requested}", usable_cores())
+  return resolved
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -75,7 +104,7 @@ class _PendingBatch:
 
 
 class _Inline:
-  """Stands in for the thread pool when prefetch or num_threads is 0."""
+  """Stands in for the thread pool when prefetch is 0."""
 
   def submit(self, fn, *args):
     future = concurrent.futures.Future()
@@ -99,8 +128,9 @@ class DataIterator:
 
   def __init__(self, source, global_batch_size: int, *, seed: int = 0,
                process_index: int | None = None, process_count: int | None = None,
-               train: bool = True, flip: bool = True, prefetch: int = 2, num_threads: int = 2,
-               max_consecutive_failures: int = 100, image_dtype=np.float32):
+               train: bool = True, flip: bool = True, prefetch: int = 2,
+               num_threads: int | None = None, max_consecutive_failures: int = 100,
+               image_dtype=np.float32):
     self.source = source
     self.image_dtype = np.dtype(image_dtype)
     if self.image_dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
@@ -137,9 +167,9 @@ class DataIterator:
     self._epoch = self._step = 0          # Next batch to return.
     self._next_epoch = self._next_step = 0  # Next batch to schedule.
     self._closed = False
-    if self.prefetch > 0 and num_threads > 0:
-      self._pool = concurrent.futures.ThreadPoolExecutor(int(num_threads),
-                                                         thread_name_prefix="rae_jax_data")
+    if self.prefetch > 0:  # num_threads 0/None: one per usable core.
+      self._pool = concurrent.futures.ThreadPoolExecutor(
+          resolve_num_threads(num_threads), thread_name_prefix="rae_jax_data")
     else:
       self._pool = _Inline()
 

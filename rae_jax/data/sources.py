@@ -62,8 +62,8 @@ def make_source(cfg) -> Source:
   elif kind == "tfds":
     source = CenterCropped(
         TfdsSource(_require(cfg, "tfds_name"), _field(cfg, "split", "train"),
-                   data_dir=_field(cfg, "path") or None,
-                   num_classes=None),
+                   # data.data_dir; data.path is accepted for configs written before it existed.
+                   data_dir=_field(cfg, "data_dir") or _field(cfg, "path") or None),
         _require(cfg, "image_size"))
   elif kind == "latents":
     source = LatentCacheSource(_require(cfg, "path"), num_classes=_field(cfg, "num_classes"))

@@ -1,18 +1,21 @@
 """tensorflow-datasets by name and split, through tfds' random-access (ArrayRecord) data sources.
 
-`tfds.data_source` gives `len()` + `__getitem__` over ArrayRecord files without a
+`builder.as_data_source` gives `len()` + `__getitem__` over ArrayRecord files without a
 tf.data graph, which is exactly what our index-based iterator needs (per-process
 slices and resumable order come from the index, not from the reader). Images are
 read undecoded (`SkipDecoding`) and decoded with PIL in our worker threads, so the
 pixels equal the image-folder path (the official code decodes with PIL too).
 
-The dataset must be prepared in ArrayRecord format, e.g.
-`tfds build imagenet2012 --file_format=array_record --manual_dir=...`.
-tensorflow-datasets is an optional extra: `pip install 'rae_jax[tfds]'`.
+Reading needs only `tensorflow-datasets` and `array_record` (the `tfds` extra), not
+tensorflow. Preparing ImageNet (`tfds build imagenet2012 --file_format=array_record
+--manual_dir=...`), tfds' `ImageFolder` builder and TFRecord files need tensorflow
+(`pip install tensorflow-cpu`, the `tfds_prepare` extra); a custom
+`GeneratorBasedBuilder` writing `array_record` does not.
 """
 from __future__ import annotations
 
 import io
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,13 +44,49 @@ def decode_image(value: Any, what: str) -> np.ndarray:
   return as_rgb_uint8(value, what)
 
 
+def _open_array_record(tfds, name: str, split: str, data_dir: str | None, image_key: str):
+  """(random-access source, builder) of a prepared dataset; clear errors for the common misses."""
+  where = data_dir or "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f"tfds dataset '{name}' not found under {where} (data.tfds_name / data.data_dir): "
+        f"{type(e).__name__}: {e}") from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"tfds dataset '{name}' is not prepared in {builder.data_dir} (data.data_dir={data_dir!r}): "
+        f"prepare it once with `tfds build {name} --file_format=array_record --data_dir=<dir>` "
+        "(ImageNet also needs --manual_dir with the ILSVRC2012 tars, and tensorflow for the "
+        "build: pip install 'rae_jax[tfds_prepare]')")
+  formats = {f.value for f in builder.info.available_file_formats()} or {
+      str(getattr(builder.info.file_format, "value", builder.info.file_format))}
+  if "array_record" not in formats:
+    raise ValueError(
+        f"tfds dataset '{name}' in {builder.data_dir} is prepared as {sorted(formats)}, but "
+        "data.source='tfds' reads ArrayRecord (random access, no tensorflow). Convert it once "
+        f"with `tfds convert_format --dataset_version_dir={builder.data_dir} "
+        f"--out_file_format=array_record --out_dir=<new_dir>/{name}/{builder.info.version}` "
+        "(reading TFRecord needs tensorflow: pip install 'rae_jax[tfds_prepare]') and point "
+        "data.data_dir at <new_dir>, or rebuild with "
+        f"`tfds build {name} --file_format=array_record`")
+  missing = [part for part in re.split(r"\s*\+\s*", split)
+             if part.split("[")[0].strip() not in builder.info.splits]
+  if missing:
+    raise ValueError(f"tfds dataset '{name}' has no split {split!r} (data.split / "
+                     f"data.eval_split); it has {sorted(builder.info.splits)}")
+  decoders = ({image_key: tfds.decode.SkipDecoding()}
+              if image_key in builder.info.features else None)
+  return builder.as_data_source(split=split, decoders=decoders, file_format="array_record"), builder
+
+
 class TfdsSource:
   """Adapter: random-access tfds data source of feature dicts -> (uint8 HWC image, label)."""
 
   kind = "image"
 
   def __init__(self, name: str, split: str, *, data_dir: str | None = None,
-               image_key: str = "image", label_key: str = "label", download: bool = False,
+               image_key: str = "image", label_key: str = "label",
                data_source: Sequence[Any] | None = None, num_classes: int | None = None):
     """`data_source` injects any random-access sequence of dicts (tests, custom readers)."""
     self.name, self.split = name, split
@@ -56,16 +95,14 @@ class TfdsSource:
     if data_source is None:
       if not name:
         raise ValueError("data.tfds_name is empty; set it to a tfds dataset name, e.g. imagenet2012")
-      tfds = _import_tfds()
-      data_source = tfds.data_source(
-          name, split=split, data_dir=data_dir or None, download=download,
-          decoders={image_key: tfds.decode.SkipDecoding()})
-      if self._num_classes is None:
-        try:
-          feature = tfds.builder(name, data_dir=data_dir or None).info.features[label_key]
-          self._num_classes = int(feature.num_classes)
-        except Exception:  # pylint: disable=broad-except
-          pass  # Not a ClassLabel; fall back to the config's num_classes.
+      data_source, builder = _open_array_record(_import_tfds(), name, split, data_dir, image_key)
+      features = builder.info.features
+      for key in (image_key, label_key):
+        if key not in features:
+          raise KeyError(f"tfds dataset '{name}' has no feature '{key}' (features: "
+                         f"{sorted(features)})")
+      if self._num_classes is None and hasattr(features[label_key], "num_classes"):
+        self._num_classes = int(features[label_key].num_classes)
     self.data_source = data_source
 
   @property

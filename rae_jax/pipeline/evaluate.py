@@ -21,7 +21,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from rae_jax.data import make_source
+from rae_jax.data import make_source, resolve_num_threads
 from rae_jax.eval import generation, recon, scoring
 from rae_jax.pipeline import builders, common, generate, images, loaders, weights
 
@@ -148,7 +148,7 @@ def run_fid_stats(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> str:
   scorer = loaders.scorer_from_config(config, mesh)
   n = len(source)
   logging.info("fid_stats: Inception features of %d images of %s", n, config.data.source)
-  reader = scoring.source_reader(source, config.data.num_threads)
+  reader = scoring.source_reader(source, resolve_num_threads(config.data.num_threads))
   feats = scoring.extract(scorer, reader, n, max_kept=config.eval.num_samples)
   skipped = scoring.total_skipped(reader)
   path = os.path.join(eval_dir(workdir), FID_STATS)
@@ -176,7 +176,7 @@ def run_eval_recon(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> dict[s
                      f"data.image_size={config.data.image_size}")
   n = recon.default_num_images(config.eval.num_samples, len(source))
   scorer = loaders.scorer_from_config(config, mesh)
-  reader = scoring.source_reader(source, config.data.num_threads)
+  reader = scoring.source_reader(source, resolve_num_threads(config.data.num_threads))
   m = recon.evaluate_reconstruction(rae, rae_vars, reader, n, scorer)
   m.update(split=data_cfg.split, source=config.data.source,
            num_skipped=scoring.total_skipped(reader))

@@ -89,7 +89,7 @@ def full_pass(source, mesh, global_batch: int, flips: np.ndarray, num_threads: i
   rows = mesh_lib.process_batch_slice(mesh, global_batch)
   num_batches = -(-n // global_batch)
   skipped = 0
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+  with concurrent.futures.ThreadPoolExecutor(data_lib.resolve_num_threads(num_threads)) as pool:
     for b in range(start_batch, num_batches):
       if skip is not None and skip(b):
         continue
