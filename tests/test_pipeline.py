@@ -58,8 +58,10 @@ def test_latent_cache_then_stage2_from_cache_then_sample(tmp_path):
   zf = all_latents(c, w, np.ones(c.data.synthetic_size, bool))
   for i in (0, 17, 39):
     lat, label = cache.read_flip(i, False)
-    np.testing.assert_allclose(lat, z[i], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cache.read_flip(i, True)[0], zf[i], rtol=1e-5, atol=1e-5)
+    # float16 cache (the default): relative rounding 2^-11.
+    assert lat.dtype == np.float16
+    np.testing.assert_allclose(lat, z[i], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(cache.read_flip(i, True)[0], zf[i], rtol=1e-3, atol=1e-3)
     assert label == i % c.data.num_classes
   # Re-running finds every shard complete and writes nothing new.
   before = sorted(os.listdir(directory))

@@ -394,3 +394,30 @@ def test_float16_latent_cache_is_the_default_and_barely_moves_the_loss(tmp_path)
   print(f'stage-2 loss float32 cache {float(f32):.7f}, float16 cache {float(f16):.7f}, '
         f'relative change {change:.1e}')
   assert 0 < change < 1e-4
+
+
+def test_stage2_memory_check_names_the_fields(monkeypatch):
+  """The check on the real stage-2 loss (tiny model): passes with room, fails with none."""
+  import train_worker as tw
+  from rae_jax.train import memory
+  model = tw.tiny_model()
+  init = tw.init_params_fn(model)
+  tx = optax.adam(1e-3)
+  abstract = jax.eval_shape(lambda k: state_lib.create_train_state(init(k), tx,
+                                                                   jax.random.PRNGKey(1)),
+                            jax.random.PRNGKey(0))
+  mesh = mesh_lib.make_mesh(1, 8)
+  shardings = state_lib.state_shardings(abstract, mesh)
+  loss = tw.make_loss_fn(model)
+  batch = {'latent': jax.ShapeDtypeStruct((16,) + tw.LATENT, jnp.float16),
+           'label': jax.ShapeDtypeStruct((16,), jnp.int32)}
+
+  def loss_fn(p, b, draws, frozen):
+    del frozen
+    return loss(p, dict(b, latent=b['latent'].astype(jnp.float32)), draws)
+  est = memory.check_train_step(loss_fn, lambda k, b: k, abstract, shardings, batch, {},
+                                batch_shards=8, limit=2**30)
+  assert 0 < est['activations'] < est['total'] < 2**30
+  with pytest.raises(MemoryError, match='grad_accum_steps'):
+    memory.check_train_step(loss_fn, lambda k, b: k, abstract, shardings, batch, {},
+                            batch_shards=8, limit=est['total'])

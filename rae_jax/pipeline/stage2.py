@@ -16,7 +16,9 @@ from rae_jax.models.layers import draw_label_drop
 from rae_jax.pipeline import builders, common, generate, images, loaders, weights
 from rae_jax.pipeline.latents import LATENT_CACHE
 from rae_jax.train import loop as loop_lib
+from rae_jax.train import memory as memory_lib
 from rae_jax.train import mesh as mesh_lib
+from rae_jax.train import step as step_lib
 from rae_jax.train.state import init_train_state
 from rae_jax.train.step import make_train_step
 
@@ -116,6 +118,8 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   step_fn = make_step(config, model, rae, transport, sched, shardings, mesh,
                       from_cache=from_cache, frozen_shardings=frozen_shardings)
   # Images travel as uint8 and become float on device (train.step.images_to_unit_float).
+  _check_step_memory(config, model, rae, transport, state, shardings, frozen, mesh,
+                     from_cache=from_cache)
   it = common.data_iterator(source, mesh, gb, config.seed, config=config, image_dtype=np.uint8)
   writer = common.writer(config, workdir, builders.STAGE2_DIR)
   hooks = []
@@ -141,6 +145,32 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
     writer.close()
   ckpt.close()
   return state
+
+
+def _check_step_memory(config, model, rae, transport, state, shardings, frozen, mesh, *,
+                       from_cache: bool) -> None:
+  """Fails before the step compiles when its estimated per-device memory exceeds the device's
+  (train/memory.py), naming the fields that reduce it."""
+  s2 = config.stage2
+  micro = s2.global_batch_size // max(s2.grad_accum_steps, 1)
+  if from_cache:
+    x = jax.ShapeDtypeStruct((micro, *rae.latent_shape), np.dtype(s2.get("latent_cache_dtype",
+                                                                          "float16")))
+    batch = {"latent": x}
+  else:
+    size = config.data.image_size
+    batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), np.uint8)}
+  batch["label"] = jax.ShapeDtypeStruct((micro,), np.int32)
+  loss_fn, draw_fn = make_loss_fn(config, model, rae, transport, from_cache=from_cache)
+
+  def loss_on_float_images(p, b, d, f):
+    return loss_fn(p, step_lib.images_to_unit_float(b), d, f)
+  est = memory_lib.check_train_step(
+      loss_on_float_images, draw_fn, jax.eval_shape(lambda: state), shardings, batch, frozen,
+      batch_shards=mesh_lib.num_batch_shards(mesh), what="stage-2 train step")
+  logging.info("stage-2 step estimate per device: %.2f GiB (state %.2f, gradients %.2f, saved "
+               "activations %.2f)", *(est[k] / 2**30 for k in ("total", "state", "grads",
+                                                                "activations")))
 
 
 def _guidance_during_training(config: mlc.ConfigDict, workdir: str, mesh):

@@ -70,3 +70,23 @@ def check_fits(est: dict, limit: Optional[int], *, what: str = 'train step',
       f'{what}: estimated {gib(est["total"])} per device (state {gib(est["state"])}, gradients '
       f'{gib(est["grads"])}, saved activations {gib(est["activations"])}) exceeds '
       f'{headroom:.0%} of the device memory {gib(limit)}. Reduce it with: {REDUCE_HINT}.')
+
+
+def check_train_step(loss_fn: Callable[..., Any], draw_fn: Callable[..., Any],
+                     abstract_state: Any, state_shardings: Any, micro_batch: Any, frozen: Any,
+                     *, batch_shards: int, accum_steps: int = 1,
+                     limit: Optional[int] = -1, what: str = 'train step') -> dict:
+  """Estimates a step of loss_fn(params, batch, draws, frozen) and fails if it cannot fit.
+
+  micro_batch: ShapeDtypeStructs of one global micro-batch. limit=-1: this device's memory.
+  Returns the estimate (logged by the caller).
+  """
+  def loss(p, b, f):
+    draws = draw_fn(jax.random.PRNGKey(0), b)
+    per_example, _ = loss_fn(p, b, draws, f)
+    return per_example.mean()
+  acts = residual_bytes(loss, abstract_state.params, micro_batch, frozen)
+  est = estimate(abstract_state, state_shardings, acts, batch_shards)
+  check_fits(est, device_memory_bytes() if limit == -1 else limit, what=what)
+  del accum_steps  # micro_batch is already one micro-batch
+  return est
