@@ -83,8 +83,9 @@ class Attention(nn.Module):  # imported by model_utils, unused by the stage-2 mo
 '''
 
 
-def median_time(fn, repeats):
-  fn()
+def median_time(fn, repeats, warmup=True):
+  if warmup:
+    fn()
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
@@ -147,9 +148,12 @@ def torch_rows(args):
       for i in range(args.steps):
         v = model.forward_with_cfg(z, ts[i].expand(2 * n), yy, 1.5)
         z = z + (ts[i + 1] - ts[i]) * v
-  return {"train": median_time(train_step, args.repeats),
-          "forward": median_time(forward, args.repeats),
-          "sample": median_time(sample, 1)}
+  out = {"train": median_time(train_step, args.repeats),
+         "forward": median_time(forward, args.repeats)}
+  print(f"official: train {out['train']:.2f} s, forward {out['forward']:.2f} s", flush=True)
+  out["sample"] = median_time(sample, 1, warmup=False)  # eager PyTorch: nothing to warm up
+  print(f"official: sampling {out['sample']:.2f} s", flush=True)
+  return out
 
 
 def jax_rows(args):
@@ -205,9 +209,13 @@ def jax_rows(args):
   def step():
     state[0], state[1] = train_step(state[0], state[1], k[0])
     jax.block_until_ready(state[0])
-  return {"train": median_time(step, args.repeats),
-          "forward": median_time(lambda: jax.block_until_ready(fwd(params)), args.repeats),
-          "sample": median_time(lambda: jax.block_until_ready(sample(params)), 1)}
+  out = {"train": median_time(step, args.repeats),
+         "forward": median_time(lambda: jax.block_until_ready(fwd(params)), args.repeats)}
+  print(f"rae-jax: train {out['train']:.2f} s, forward {out['forward']:.2f} s", flush=True)
+  compiled = sample.lower(params).compile()  # compile outside the timed run
+  out["sample"] = median_time(lambda: jax.block_until_ready(compiled(params)), 1, warmup=False)
+  print(f"rae-jax: sampling {out['sample']:.2f} s", flush=True)
+  return out
 
 
 def main():
