@@ -208,6 +208,8 @@ def base_config() -> mlc.ConfigDict:
   # data = fsdp = -1: fsdp = largest divisor of the device count <= max_fsdp, the rest on data.
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=-1, max_fsdp=64))
   c.checkpoint = mlc.ConfigDict(dict(every_steps=5000, keep=3, keep_period=0, async_save=True))
+  # Run-defining fields that may differ from the checkpoint's on resume (comma-separated).
+  c.resume = mlc.ConfigDict(dict(allow_changes=""))
   c.log = mlc.ConfigDict(dict(every_steps=100, sample_every_steps=10000, tensorboard=True,
                               wandb_project=""))
   # jax.profiler trace of steps start_step..start_step+num_steps-1 into <workdir>/profile.
