@@ -63,7 +63,8 @@ def test_replication_is_logged_and_warned(caplog):
   assert r['replicated_bytes'] == 0 and r['per_device_bytes'] == (1152 * 9 + 64 * 64) * 4 // 8
   shapes['odd'] = jax.ShapeDtypeStruct((700, 9), jnp.float32)
   with caplog.at_level('INFO'):
-    r = sharding_lib.log_replication('toy', shapes, sharding_lib.fsdp_shardings(shapes, mesh))
+    r = sharding_lib.log_replication('toy', shapes, sharding_lib.fsdp_shardings(shapes, mesh),
+                                     warn_bytes=0)
   assert r['replicated_bytes'] == 700 * 9 * 4
   assert any(rec.levelname == 'WARNING' and "['odd']" in rec.getMessage() for rec in caplog.records)
 

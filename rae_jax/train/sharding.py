@@ -101,13 +101,15 @@ def replication_report(abstract_tree: Any, shardings: Any) -> dict:
 
 
 def log_replication(name: str, abstract_tree: Any, shardings: Any, *,
-                    warn_fraction: float = REPLICATED_WARN_FRACTION) -> dict:
-  """Logs replicated bytes per device at start; warns when the FSDP rule left too much whole."""
+                    warn_fraction: float = REPLICATED_WARN_FRACTION,
+                    warn_bytes: int = 2**20) -> dict:
+  """Logs replicated bytes per device at start; warns when the FSDP rule left too much whole
+  (above `warn_fraction` of the tree and `warn_bytes`: tiny demo models stay quiet)."""
   r = replication_report(abstract_tree, shardings)
   msg = (f'{name}: {r["per_device_bytes"] / 2**20:.1f} MiB per device, '
          f'{r["replicated_bytes"] / 2**20:.2f} MiB replicated on every device '
          f'({100 * r["replicated_fraction"]:.2f}% of {r["total_bytes"] / 2**20:.1f} MiB)')
-  if r['replicated_fraction'] > warn_fraction:
+  if r['replicated_fraction'] > warn_fraction and r['replicated_bytes'] > warn_bytes:
     logging.warning('%s; largest replicated arrays: %s. Choose mesh.fsdp to divide the model '
                     'widths (e.g. a power of two <= 64) and put the other devices on mesh.data.',
                     msg, r['largest_replicated'])
