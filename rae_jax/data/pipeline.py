@@ -121,8 +121,9 @@ class _Inline:
 class DataIterator:
   """Yields this process's slice of each global batch: {'image'|'latent': f32, 'label': i32}.
 
-  Image sources give 'image' (b, H, W, 3) in [0, 1]; latent caches give 'latent'
-  (b, h, w, C). `train=False` visits the source in index order without flips (stats,
+  Image sources give 'image' (b, H, W, 3) in [0, 1] (or the raw uint8 with image_dtype=uint8, 4x
+  fewer bytes to the device; train.step converts there); latent caches give 'latent'
+  (b, h, w, C) in the cache's dtype. `train=False` visits the source in index order without flips (stats,
   evaluation); it still drops the final incomplete global batch.
   """
 
