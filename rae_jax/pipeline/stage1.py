@@ -45,6 +45,7 @@ from rae_jax.train import loop as loop_lib
 from rae_jax.train import mesh as mesh_lib
 from rae_jax.train.ema import ema_update
 from rae_jax.train.state import TrainState, init_train_state
+from rae_jax.train.step import images_to_unit_float
 
 LPIPS_LIN_FILE = "vgg.pth"
 LPIPS_VGG_GLOB = "vgg16*.pth"
@@ -331,7 +332,7 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
 
   def step(state: TrainState, batch: Any, frozen: Any, draws: Any, *, use_lpips: bool,
            use_gan: bool, train_disc: bool):
-    x = batch["image"].astype(jnp.float32)
+    x = images_to_unit_float(batch)["image"].astype(jnp.float32)  # uint8 on the wire
     real = x * 2.0 - 1.0
     if draws is None:
       draws = draw_stage1(jax.random.fold_in(state.rng, state.step), x.shape[0], token_shape,
@@ -534,7 +535,7 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
   step_fn = make_step(config, rae, parts, shardings, mesh,
                       jax.tree.map(lambda a: a.sharding, frozen))
 
-  it = common.data_iterator(source, mesh, gb, config.seed, config=config)
+  it = common.data_iterator(source, mesh, gb, config.seed, config=config, image_dtype=np.uint8)
   writer = common.writer(config, workdir, builders.STAGE1_DIR)
   all_hooks = list(hooks)
   if config.log.sample_every_steps > 0:
