@@ -58,8 +58,7 @@ def norm(ours: str, theirs: str) -> list[Entry]:
   return [(f"{ours}/scale", f"{theirs}.weight", "same"), (f"{ours}/bias", f"{theirs}.bias", "same")]
 
 
-def block(ours: str, theirs: str, names: Mapping[str, str], qkv_bias: bool = True) -> list[Entry]:
-  """Entries of one ViTBlock under our prefix `ours` and torch prefix `theirs`."""
+def _entries(ours: str, theirs: str, names: Mapping[str, str], has_bias) -> list[Entry]:
   out: list[Entry] = []
   for sub, tsub in names.items():
     o, t = f"{ours}/{sub}", f"{theirs}.{tsub}"
@@ -68,8 +67,14 @@ def block(ours: str, theirs: str, names: Mapping[str, str], qkv_bias: bool = Tru
     elif sub.startswith("ls"):
       out.append((o, t, "same"))
     else:
-      out += dense(o, t, bias=qkv_bias or sub in ("attn/o", "mlp/fc1", "mlp/fc2"))
+      out += dense(o, t, bias=has_bias(sub))
   return out
+
+
+def block(ours: str, theirs: str, names: Mapping[str, str], qkv_bias: bool = True) -> list[Entry]:
+  """Entries of one ViTBlock under our prefix `ours` and torch prefix `theirs`."""
+  return _entries(ours, theirs, names,
+                  lambda sub: qkv_bias or sub in ("attn/o", "mlp/fc1", "mlp/fc2"))
 
 
 def dinov3_block(ours: str, theirs: str, module) -> list[Entry]:
@@ -80,16 +85,7 @@ def dinov3_block(ours: str, theirs: str, module) -> list[Entry]:
   names = dict(DINOV3_BLOCK)
   if module.use_gated_mlp:
     names["mlp/gate"] = "mlp.gate_proj"
-  out: list[Entry] = []
-  for sub, tsub in names.items():
-    o, t = f"{ours}/{sub}", f"{theirs}.{tsub}"
-    if sub.startswith("norm"):
-      out += norm(o, t)
-    elif sub.startswith("ls"):
-      out.append((o, t, "same"))
-    else:
-      out += dense(o, t, bias=bias[sub])
-  return out
+  return _entries(ours, theirs, names, bias.__getitem__)
 
 
 def torch_shape(kind: str, shape) -> tuple:
