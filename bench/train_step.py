@@ -20,6 +20,13 @@ Rows:
              fsdp), per-device memory per remat policy (state + saved activations from an
              abstract trace), and, for --scale_compile policies, compiled memory_analysis() and
              the largest collectives of the compiled DiTDH-XL step.
+  memory_plan  Per-chip memory plan of the pod recipes (configs/stage2_ditdh_xl_256.py, _512.py,
+             stage1_dinov2b_decxl_256.py) at --plan_chips chips (default mesh, recipe global
+             batch, bf16 compute as on TPU) for every remat policy, from the shape-only estimator
+             (train/memory.py; 256 forced host devices, nothing compiled), marked against 16 GiB
+             (v5e), 32 GiB (v4) and 95 GiB (v5p) at 90% headroom; then the least-recompute
+             policy that fits each chip. --plan_compile policies additionally compile the
+             DiTDH-XL 256px step at 64 devices (memory_analysis(), minutes each) to calibrate.
   stage1_step  Stage-1 step of the ViT-XL decoder with L1 + LPIPS (VGG16) + DINO-S/8 GAN and a
              D update at 256px, DINOv2-B-sized frozen encoder (random weights), --s1_batch.
   s_step, xl_step and stage1_step print model FLOPs per step from compiled.cost_analysis() next
@@ -40,7 +47,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--rows', default='s_step,xl_compile,xl_memory,encoder',
                  help='comma-separated subset of: s_step, xl_compile, xl_memory, encoder, '
-                      'xl_step, stage1_step, scale')
+                      'xl_step, stage1_step, scale, memory_plan')
   p.add_argument('--xl_batch', type=int, default=0, help='xl_step batch (0: 2 on CPU, 64 else)')
   p.add_argument('--s1_batch', type=int, default=2, help='stage1_step batch')
   p.add_argument('--s1_decoder', default='XL', help='stage1_step decoder size (B, L, XL)')
@@ -56,6 +63,12 @@ def parse_args(argv=None):
   p.add_argument('--scale_devices', default='64,256', help='device counts for the scale row')
   p.add_argument('--scale_compile', default='nothing_saveable',
                  help='remat policies whose DiTDH-XL step the scale row compiles ("" for none)')
+  p.add_argument('--plan_margin_gib', type=float, default=1.7,
+                 help='memory_plan: added to each estimate before the fits check (compiled minus '
+                      'estimated, DiTDH-XL 256px nothing_saveable at 64 x 16 img)')
+  p.add_argument('--plan_chips', default='64,256', help='chip counts for memory_plan')
+  p.add_argument('--plan_compile', default='',
+                 help='remat policies whose DiTDH-XL 256px step memory_plan compiles at 64 devices')
   p.add_argument('--torch_ref_src', default=None,
                  help='official RAE src/ folder: also time its train step (PyTorch, CPU)')
   p.add_argument('--torch_threads', type=int, default=0, help='torch.set_num_threads (0: default)')
@@ -63,10 +76,11 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-if 'xl_memory' in ARGS.rows or 'scale' in ARGS.rows:
+if any(r in ARGS.rows for r in ('xl_memory', 'scale', 'memory_plan')):
   # Forced host devices must be configured before JAX initialises its CPU backend.
   _forced = max([ARGS.mem_devices] * ('xl_memory' in ARGS.rows) +
-                [int(n) for n in ARGS.scale_devices.split(',')] * ('scale' in ARGS.rows))
+                [int(n) for n in ARGS.scale_devices.split(',')] * ('scale' in ARGS.rows) +
+                [int(n) for n in ARGS.plan_chips.split(',')] * ('memory_plan' in ARGS.rows))
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={_forced}')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -429,6 +443,137 @@ def bench_scale(args):
       row(name, 'largest collectives', '; '.join(_collectives(compiled.as_text())))
 
 
+PLAN_RECIPES = ('stage2_ditdh_xl_256', 'stage2_ditdh_xl_512', 'stage1_dinov2b_decxl_256')
+
+
+def _recipe(name: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      name + '.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _stage2_plan_parts(c, dtype):
+  """(state-estimate fn(mesh), residual-bytes fn(policy, per-device batch)) of a stage-2 recipe."""
+  from rae_jax.pipeline import builders  # pylint: disable=g-import-not-at-top
+  from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
+  model = builders.build_stage2_model(c.model, dtype)
+  latent = (c.model.input_size, c.model.input_size, c.model.in_channels)
+  tx = optim.make_optimizer(1e-4, clip_grad=1.0)
+  state = jax.eval_shape(lambda k: state_lib.create_train_state(
+      builders.init_stage2_params(model, latent, k), tx, k), jax.random.PRNGKey(0))
+
+  def acts(policy, b):
+    m = model.clone(remat=policy is not None, remat_policy=policy or 'nothing_saveable')
+    x = jax.ShapeDtypeStruct((b,) + latent, jnp.float32)
+    t = jax.ShapeDtypeStruct((b,), jnp.float32)
+    y = jax.ShapeDtypeStruct((b,), jnp.int32)
+    return memory.residual_bytes(
+        lambda p, x, t, y: jnp.sum(m.apply({'params': p}, x, t, y).astype(jnp.float32)),
+        state.params, x, t, y)
+  return state, acts, 0
+
+
+def _stage1_plan_parts(c, dtype):
+  """The generator half of the stage-1 step (decoder fwd/bwd through L1 + LPIPS + DINO GAN, the
+  peak; the D update runs after the decoder's residuals are freed); frozen weights replicated."""
+  from rae_jax.losses.lpips import LPIPS  # pylint: disable=g-import-not-at-top
+  from rae_jax.models.decoder import ViTDecoder  # pylint: disable=g-import-not-at-top
+  from rae_jax.pipeline import stage1  # pylint: disable=g-import-not-at-top
+  from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
+  d = c.decoder
+  grid = c.encoder.input_size // c.encoder.patch_size
+  decoder = ViTDecoder(hidden_size=c.encoder.hidden_size, patch_size=d.patch_size,
+                       num_patches=grid * grid, decoder_hidden_size=d.decoder_hidden_size,
+                       decoder_num_hidden_layers=d.decoder_num_hidden_layers,
+                       decoder_num_attention_heads=d.decoder_num_attention_heads,
+                       decoder_intermediate_size=d.decoder_intermediate_size, dtype=dtype)
+  key = jax.random.PRNGKey(0)
+  tokens = (grid * grid, c.encoder.hidden_size)
+  params = jax.eval_shape(lambda k: decoder.init(k, jnp.zeros((1,) + tokens))['params'], key)
+  tx = optim.make_optimizer(1e-4, clip_grad=0.0)
+  state = jax.eval_shape(lambda p: state_lib.create_train_state(p, tx, key), params)
+  size = c.data.image_size
+  img = jnp.zeros((1, size, size, 3))
+  lpips = LPIPS()
+  lp = jax.eval_shape(lambda k: lpips.init(k, img, img)['params'], key)
+  disc = stage1.build_discriminator(c.stage1.disc, dtype, c.model.attention_impl)
+  dv = jax.eval_shape(lambda k: disc.init(k, img), key)
+  # Frozen: DINOv2-B encoder (86.6M float32 params), VGG16 LPIPS, DINO-S/8 (+ heads).
+  frozen = 86_600_000 * 4 + sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((lp, dv)))
+
+  def acts(policy, b):
+    dm = decoder.clone(remat=policy is not None, remat_policy=policy or 'nothing_saveable')
+    z = jax.ShapeDtypeStruct((b,) + tokens, jnp.float32)
+    x = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
+
+    def gen_loss(p, z, x, lp, dv):
+      xh = dm.apply({'params': p}, z).astype(jnp.float32)
+      return (jnp.mean(jnp.abs(xh - x)) + lpips.apply({'params': lp}, xh * 2 - 1, x * 2 - 1) +
+              jnp.mean(disc.apply(dv, xh * 2 - 1)))
+    return memory.residual_bytes(gen_loss, params, z, x, lp, dv, exclude=(lp, dv))
+  return state, acts, frozen
+
+
+def bench_memory_plan(args):
+  """Per-chip memory of the pod recipes per remat policy, and the least-recompute one that fits."""
+  from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
+  gib = 2 ** 30
+  dtype = jnp.bfloat16  # compute_dtype='auto' on TPU
+  chips = [int(v) for v in args.plan_chips.split(',')]
+  choices = []
+  print('  estimates (shape-only, train/memory.py): state = params + EMA + Adam (float32, '
+        'sharded on the default mesh) + gradients + saved activations of one per-chip batch'
+        + ' (+ replicated frozen weights for stage 1); fits = estimate + margin '
+        f'{args.plan_margin_gib} GiB (transients the estimator does not see: gathered weights, '
+        'one rematerialised layer, collective buffers) <= 90% of the chip', flush=True)
+  for name in PLAN_RECIPES:
+    c = _recipe(name)
+    s1 = name.startswith('stage1')
+    gb = (c.stage1 if s1 else c.stage2).global_batch_size
+    state, acts, frozen = (_stage1_plan_parts if s1 else _stage2_plan_parts)(c, dtype)
+    for n in chips:
+      mesh = mesh_lib.make_mesh(-1, -1, devices=jax.devices()[:n], max_fsdp=c.mesh.max_fsdp)
+      shardings = state_lib.state_shardings(state, mesh)
+      per = gb // n
+      where = f'{name}, {n} chips, mesh {tuple(mesh.devices.shape)}, {per} img/chip'
+      totals = {}
+      for policy in memory.RECOMPUTE_ORDER:
+        est = memory.estimate(state, shardings, acts(policy, per), 1)
+        totals[policy] = est['total'] + frozen + int(args.plan_margin_gib * gib)
+        fits = ' '.join(f'{chip}:{"ok" if totals[policy] <= 0.9 * g * gib else "NO"}'
+                        for chip, g in memory.CHIP_GIB.items())
+        row(where, f'remat={policy or "off"}',
+            f'{(totals[policy] - args.plan_margin_gib * gib) / gib:.2f} GiB (state+grads '
+            f'{(est["state"] + est["grads"]) / gib:.2f}'
+            f', act {est["activations"] / gib:.2f}'
+            + (f', frozen {frozen / gib:.2f}' if frozen else '') + f') {fits}')
+      for chip, g in memory.CHIP_GIB.items():
+        choices.append((name, n, chip, memory.least_recompute(totals, g * gib)))
+  for name, n, chip, policy in choices:
+    row(f'{name}, {n} chips', f'least recompute on {chip} ({memory.CHIP_GIB[chip]} GiB)', policy)
+  # Calibration: the estimator against compiled memory_analysis() on forced host devices.
+  state, acts, _ = _stage2_plan_parts(_recipe('stage2_ditdh_xl_256'), jnp.float32)
+  mesh = mesh_lib.make_mesh(-1, -1, devices=jax.devices()[:64])
+  shardings = state_lib.state_shardings(state, mesh)
+  for policy in ('nothing_saveable', 'save_attention_out', 'dots_with_no_batch_dims_saveable'):
+    est = memory.estimate(state, shardings, acts(policy, 16), 1)
+    row('calibration: DiTDH-XL 256px, 64 dev x 16 img, float32', f'estimate remat={policy}',
+        f'{est["total"] / gib:.2f} GiB')
+  for policy in [p for p in args.plan_compile.split(',') if p]:
+    m = ditdh(XL, jnp.float32, remat=True, remat_policy=policy)
+    step, st, _ = setup(m, mesh, 16 * 64, abstract=True)
+    t0 = time.perf_counter()
+    mem = step.lower(st, latent_batch(mesh, 16 * 64, abstract=True)).compile().memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
+             mem.temp_size_in_bytes)
+    row('calibration: DiTDH-XL 256px, 64 dev x 16 img, float32', f'compiled remat={policy}',
+        f'{total / gib:.2f} GiB (memory_analysis; compile {time.perf_counter() - t0:.0f} s)')
+
+
 def bench_encoder(args):
   """Steps/s from cached latents vs. encoding 256px images with DINOv2-B inside the step."""
   from rae_jax.models.resize import resize_bicubic  # pylint: disable=g-import-not-at-top
@@ -486,6 +631,8 @@ def main():
       bench_stage1_step(args)
     elif r == 'scale':
       bench_scale(args)
+    elif r == 'memory_plan':
+      bench_memory_plan(args)
     else:
       raise SystemExit(f'unknown row {r!r}')
   print('\n| benchmark | metric | value |\n|---|---|---|')

@@ -9,6 +9,41 @@ decoder fine-tuned longer). Needs LPIPS/VGG and DINO weights (see README) and Im
   python main.py --config=configs/stage1_dinov2b_decxl_256.py --workdir=$W --mode=stats
 
 On a v5e-64 pod this is roughly a day; on 8 GPUs about 3 days.
+
+Memory plan (issue 15 item 4), remat policy per target chip. Default: decoder.remat=True with
+remat_policy="dots_saveable": the least-recompute policy that fits the smallest
+target chip (v5e, 16 GiB) at 64 chips. Where "remat off" fits (v4/v5p, or 256 v5e chips; table),
+--config.decoder.remat=False recomputes nothing and is faster. Remat never changes results.
+Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate widths like
+1152). scan_layers does not change memory, only compile time (--rows=xl_compile).
+
+  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~1 min on 2 CPUs
+
+Per-chip GiB are ESTIMATES (train/memory.py, shape-only: float32 params + EMA + Adam sharded on
+the default mesh, gradients, saved residuals of one per-chip batch at bf16 compute as on TPU).
+"ok": estimate + 1.7 GiB margin <= 90% of the chip. The margin comes from COMPILED
+memory_analysis() of DiTDH-XL 256px, 64 forced host devices x 16 images, float32: 2.88 / 3.37 /
+8.70 GiB compiled vs 1.19 / 1.75 / 7.31 GiB estimated (nothing_saveable / save_attention_out /
+dots_with_no_batch_dims_saveable; transients the estimator does not see). Step time: not yet
+measured on a pod. Stage 1 counts the generator half of the step (the decoder through L1 +
+LPIPS + DINO GAN; the D update runs after its residuals are freed): "state" = state + gradients,
+"frozen" = DINOv2-B + VGG16 + DINO-S/8, replicated.
+  64 chips, mesh (1, 64), 8 img/chip (GiB):
+    off                               13.84 (state 0.12, act 13.23, frozen 0.49) v5e:NO v4:ok v5p:ok
+    dots_saveable                     9.82 (state 0.12, act 9.22, frozen 0.49) v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable  8.82 (state 0.12, act 8.21, frozen 0.49) v5e:ok v4:ok v5p:ok
+    save_attention_out                8.01 (state 0.12, act 7.40, frozen 0.49) v5e:ok v4:ok v5p:ok
+    nothing_saveable                  7.88 (state 0.12, act 7.28, frozen 0.49) v5e:ok v4:ok v5p:ok
+  256 chips, mesh (4, 64), 2 img/chip (GiB):
+    off                               4.52 (state 0.12, act 3.92, frozen 0.49) v5e:ok v4:ok v5p:ok
+    dots_saveable                     2.94 (state 0.12, act 2.34, frozen 0.49) v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable  2.69 (state 0.12, act 2.09, frozen 0.49) v5e:ok v4:ok v5p:ok
+    save_attention_out                2.49 (state 0.12, act 1.88, frozen 0.49) v5e:ok v4:ok v5p:ok
+    nothing_saveable                  2.46 (state 0.12, act 1.85, frozen 0.49) v5e:ok v4:ok v5p:ok
+  least recompute that fits, 64 chips | 256 chips:
+    v5e (16 GiB)   dots_saveable | remat off
+    v4 (32 GiB)    remat off | remat off
+    v5p (95 GiB)   remat off | remat off
 """
 from rae_jax import presets
 
@@ -17,4 +52,6 @@ def get_config():
   c = presets.base_config()
   c.compute_dtype = "auto"  # bf16 on GPU/TPU (tests/test_precision.py), float32 on CPU
   c.stage1.disc.enabled = True
+  c.decoder.remat = True  # memory plan above
+  c.decoder.remat_policy = "dots_saveable"
   return c

@@ -11,6 +11,39 @@ clip 1.0, EMA 0.9995, label dropout 0.1. Paper: gFID 1.51 unguided, 1.13 with au
 
 Needs a trained decoder and stats (stage 1, or import_torch of the official releases).
 Use --config.stage2.use_latent_cache=True after --mode=cache_latents to skip the encoder per step.
+
+Memory plan (issue 15 item 4), remat policy per target chip. Default: model.remat=True with
+remat_policy="dots_saveable": the least-recompute policy that fits the smallest
+target chip (v5e, 16 GiB) at 64 chips. Where "remat off" fits (v4/v5p, or 256 v5e chips; table),
+--config.model.remat=False recomputes nothing and is faster. Remat never changes results.
+Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate widths like
+1152). scan_layers does not change memory, only compile time (--rows=xl_compile).
+
+  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~1 min on 2 CPUs
+
+Per-chip GiB are ESTIMATES (train/memory.py, shape-only: float32 params + EMA + Adam sharded on
+the default mesh, gradients, saved residuals of one per-chip batch at bf16 compute as on TPU).
+"ok": estimate + 1.7 GiB margin <= 90% of the chip. The margin comes from COMPILED
+memory_analysis() of DiTDH-XL 256px, 64 forced host devices x 16 images, float32: 2.88 / 3.37 /
+8.70 GiB compiled vs 1.19 / 1.75 / 7.31 GiB estimated (nothing_saveable / save_attention_out /
+dots_with_no_batch_dims_saveable; transients the estimator does not see). Step time: not yet
+measured on a pod.
+  64 chips, mesh (1, 64), 16 img/chip:
+    off                               15.67 GiB (state+grads 0.24, act 15.43) v5e:NO v4:ok v5p:ok
+    dots_saveable                     6.03 GiB (state+grads 0.24, act 5.78) v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable  3.88 GiB (state+grads 0.24, act 3.63) v5e:ok v4:ok v5p:ok
+    save_attention_out                1.09 GiB (state+grads 0.24, act 0.85) v5e:ok v4:ok v5p:ok
+    nothing_saveable                  0.82 GiB (state+grads 0.24, act 0.57) v5e:ok v4:ok v5p:ok
+  256 chips, mesh (4, 64), 4 img/chip:
+    off                               5.27 GiB (state+grads 0.24, act 5.03) v5e:ok v4:ok v5p:ok
+    dots_saveable                     1.71 GiB (state+grads 0.24, act 1.46) v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable  1.17 GiB (state+grads 0.24, act 0.93) v5e:ok v4:ok v5p:ok
+    save_attention_out                0.47 GiB (state+grads 0.24, act 0.23) v5e:ok v4:ok v5p:ok
+    nothing_saveable                  0.40 GiB (state+grads 0.24, act 0.16) v5e:ok v4:ok v5p:ok
+  least recompute that fits, 64 chips | 256 chips:
+    v5e (16 GiB)   dots_saveable | remat off
+    v4 (32 GiB)    remat off | remat off
+    v5p (95 GiB)   remat off | remat off
 """
 from rae_jax import presets
 
@@ -19,4 +52,6 @@ def get_config():
   c = presets.base_config()
   c.compute_dtype = "auto"  # bf16 on GPU/TPU (tests/test_precision.py), float32 on CPU
   c.model = presets.ditdh_xl()
+  c.model.remat = True  # memory plan above
+  c.model.remat_policy = "dots_saveable"
   return c

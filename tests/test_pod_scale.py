@@ -249,6 +249,39 @@ def test_memory_check_fails_before_compiling_with_the_fields_to_change():
   del shapes
 
 
+def test_memory_plan_picks_the_least_recompute_policy_that_fits():
+  """Issue 14 item 4 / issue 15 item 4: the plan walks RECOMPUTE_ORDER (remat off first) and the
+  pod recipes default to remat with the policy their docstring's plan chose for 16 GiB chips."""
+  import importlib.util
+  import os
+  from rae_jax.models import layers
+  from rae_jax.train import memory
+  gib = 2 ** 30
+  totals = {None: 20 * gib, 'dots_saveable': 12 * gib, 'save_attention_out': 4 * gib,
+            'nothing_saveable': 3 * gib}
+  assert memory.least_recompute(totals, 32 * gib) == 'remat off'
+  assert memory.least_recompute(totals, 16 * gib) == 'dots_saveable'
+  assert memory.least_recompute(totals, 8 * gib) == 'save_attention_out'
+  assert memory.least_recompute(totals, 2 * gib) == 'none fits'
+  assert set(memory.RECOMPUTE_ORDER[1:]) == set(layers.REMAT_POLICIES)
+  # Frozen weights passed as arguments are excluded like the params (counted separately).
+  w, frozen = jnp.ones((8, 8)), jnp.ones((8, 3))
+  fn = lambda p, f, x: jnp.sum(jnp.tanh(x @ p) @ f)  # noqa: E731  (the pullback keeps f)
+  x = jnp.ones((4, 8))
+  assert (memory.residual_bytes(fn, w, frozen, x, exclude=frozen) <
+          memory.residual_bytes(fn, w, frozen, x))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name, section, policy in (('stage2_ditdh_xl_256', 'model', 'dots_saveable'),
+                                ('stage2_ditdh_xl_512', 'model', 'save_attention_out'),
+                                ('stage1_dinov2b_decxl_256', 'decoder', 'dots_saveable')):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, 'configs', name + '.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()[section]
+    assert c.remat and c.remat_policy == policy, name
+    assert f'remat_policy="{policy}"' in mod.__doc__ and 'least recompute' in mod.__doc__, name
+
+
 # ------------------------------------------------------------------ items 5 and 10: eval sampling
 def _toy_generate(params, guide_params, rae_vars, labels, indices, seed_key):
   """Images that are a pure function of (index, label): enough to check layout and order."""

@@ -25,19 +25,38 @@ def _nbytes(tree: Any) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-def residual_bytes(fn: Callable[..., Any], params: Any, *args) -> int:
+def residual_bytes(fn: Callable[..., Any], params: Any, *args, exclude: Any = None) -> int:
   """Bytes the backward pass of fn(params, *args) keeps, for the given (abstract) inputs.
 
   Counts the leaves of the vjp closure, which hold every saved residual (remat policies apply);
-  the parameters it references are excluded (they are counted with the train state).
+  the parameters it references are excluded (they are counted with the train state), and so are
+  leaves shaped like those of `exclude` (frozen weights, counted separately).
   """
   def residuals(p, *a):
     return jax.vjp(lambda q: fn(q, *a), p)[1]
   saved = jax.eval_shape(residuals, params, *args)
-  param_ids = {(tuple(np.shape(x)), np.dtype(x.dtype)) for x in jax.tree.leaves(params)}
+  param_ids = {(tuple(np.shape(x)), np.dtype(x.dtype))
+               for x in jax.tree.leaves((params, exclude))}
   return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                  for x in jax.tree.leaves(saved)
                  if (tuple(x.shape), np.dtype(x.dtype)) not in param_ids))
+
+
+# Remat settings from least to most recompute (None: remat off). A policy later in the list
+# recomputes more in the backward pass and keeps fewer activations.
+RECOMPUTE_ORDER = (None, 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                   'save_attention_out', 'nothing_saveable')
+# Per-chip HBM of the pod targets the recipes plan for (GiB).
+CHIP_GIB = {'v5e': 16, 'v4': 32, 'v5p': 95}
+
+
+def least_recompute(totals: dict, limit: int, headroom: float = 0.9) -> Optional[str]:
+  """The first of RECOMPUTE_ORDER whose estimated total (bytes) fits `headroom` of `limit`;
+  'none fits' when even nothing_saveable does not (then grad accumulation or more chips)."""
+  for policy in RECOMPUTE_ORDER:
+    if policy in totals and totals[policy] <= headroom * limit:
+      return 'remat off' if policy is None else policy
+  return 'none fits'
 
 
 def device_memory_bytes(device: Optional[jax.Device] = None) -> Optional[int]:
