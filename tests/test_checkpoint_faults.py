@@ -47,7 +47,10 @@ def _truncate(d):
 
 
 def _flip_4k(d):
-  f = _largest_data_file(d)
+  _flip_4k_file(_largest_data_file(d))
+
+
+def _flip_4k_file(f):
   with open(f, 'r+b') as fh:
     data = bytearray(fh.read())
     start = max(0, len(data) // 2 - 2048)
@@ -167,7 +170,13 @@ def test_load_params_restores_only_the_ema_subtree_into_fsdp_shardings(tmp_path)
   from rae_jax.pipeline import weights
   from rae_jax.train import sharding as sharding_lib
   _save_steps(tmp_path / 'stage2', steps=(10, 15, 20))
-  _flip_4k(str(tmp_path / 'stage2' / 'checkpoints' / '20'))
+  # Every data file of step 20, so the EMA's bytes are hit whichever file the async writer put
+  # them in (a partial restore never reads the others).
+  step_dir = str(tmp_path / 'stage2' / 'checkpoints' / '20')
+  for r, _, fs in os.walk(os.path.join(step_dir, 'state')):
+    for f in fs:
+      if os.sep + 'd' + os.sep in os.path.join(r, f):
+        _flip_4k_file(os.path.join(r, f))
   mesh = mesh_lib.make_mesh(1, 8)
   ema, desc = weights.load_params(str(tmp_path), 'stage2', mesh, 'ema')
   assert set(ema) == {'w', 'b'} and 'step 15 (ema_params)' in desc, (ema.keys(), desc)
