@@ -227,3 +227,31 @@ def test_l1_only_demo_path_learns(tmp_path):
   l1 = np.array([rec.metrics[s]["l1"] for s in range(1, 31)])
   assert np.all(np.isfinite(l1))
   assert l1[-5:].mean() < 0.7 * l1[:5].mean(), l1
+
+
+def test_memory_check_at_start_names_the_fields(lpips_dir):
+  """The generator update's estimate (decoder + L1 + LPIPS + GAN term) passes with room and
+  fails, before anything compiles, naming the fields that reduce it."""
+  from rae_jax.pipeline import builders
+  from rae_jax.train import mesh as mesh_lib
+  from rae_jax.train import state as state_lib
+  c = tiny_config(lpips_dir, N_STEPS)
+  rae, rae_vars = builders.build_rae(c, "", with_stats=False)
+  parts = stage1.build_parts(c, c.data.synthetic_size)
+  frozen = {"encoder": rae_vars["encoder"], "lpips": stage1.load_lpips_folder(lpips_dir),
+            "dino": stage1.frozen_dino_params(parts.disc, c.stage1.disc, jax.random.PRNGKey(0))}
+
+  def init(key):
+    extra = stage1.disc_extra_init(parts.disc, parts.disc_sched.tx)(key)
+    return stage1.TrainState(step=0, params=rae.init_decoder(key), ema_params=None,
+                             opt_state=parts.sched.tx.init(rae.init_decoder(key)), rng=key,
+                             extra=extra)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract = abstract.replace(ema_params=abstract.params)
+  mesh = mesh_lib.make_mesh(1, 8)
+  shardings = state_lib.state_shardings(abstract, mesh)
+  est = stage1.check_step_memory(c, rae, parts, abstract, shardings, frozen, mesh, limit=2**34)
+  assert 0 < est["activations"] < est["total"] < 2**34
+  with pytest.raises(MemoryError, match="decoder.remat"):
+    stage1.check_step_memory(c, rae, parts, abstract, shardings, frozen, mesh,
+                             limit=est["total"])

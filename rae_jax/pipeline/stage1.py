@@ -42,6 +42,7 @@ from rae_jax.losses.spectral_norm import SPECTRAL
 from rae_jax.models.rae import draw_latent_noise
 from rae_jax.pipeline import builders, common, images
 from rae_jax.train import loop as loop_lib
+from rae_jax.train import memory as memory_lib
 from rae_jax.train import mesh as mesh_lib
 from rae_jax.train.ema import ema_update
 from rae_jax.train.state import TrainState, init_train_state
@@ -483,6 +484,48 @@ def make_step(config: mlc.ConfigDict, rae, parts: Stage1Parts, shardings: TrainS
       disc=parts.disc, disc_tx=d.tx if d else None, disc_lr=d.lr if d else None)
 
 
+def check_step_memory(config: mlc.ConfigDict, rae, parts: Stage1Parts, abstract_state: TrainState,
+                      shardings: TrainState, frozen: Any, mesh, *, limit: Optional[int] = -1) -> dict:
+  """Fails before the step compiles when the generator update's estimated per-device memory
+  (train/memory.py: state, gradients, saved activations of decoder + L1 + LPIPS + the GAN term in
+  its widest phase) exceeds the device's, naming the fields that reduce it. Returns the estimate."""
+  s = parts.settings
+  gb = config.stage1.global_batch_size
+  h, w, c = rae.latent_shape
+  lpips = LPIPS() if s.lpips_on else None
+  g_loss_fn = gan_lib.select_gan_losses(s.disc_loss, s.gen_loss)[1] if s.gan_on else None
+
+  def loss_fn(p, batch, draws, frz):
+    x = images_to_unit_float(batch)["image"].astype(jnp.float32)
+    z = rae.encode({"encoder": frz["encoder"]}, x, noise_tau=s.noise_tau,
+                   noise=draws["latent_noise"])
+    xh = rae.decode({"decoder": p}, z)
+    loss = jnp.mean(jnp.abs(xh - x), axis=(1, 2, 3))
+    if lpips is not None:
+      loss = loss + lpips.apply({"params": frz["lpips"]}, xh * 2 - 1, x * 2 - 1, reduction="none")
+    if g_loss_fn is not None:
+      d_vars = _disc_variables(frz["dino"], frz["disc"], frz.get("spectral"))
+      loss = loss + g_loss_fn(parts.disc.apply(
+          d_vars, apply_diffaug(xh * 2 - 1, draws["g_aug"], s.aug_prob, s.cutout)))
+    return loss, {}
+
+  def draw_fn(key, batch):
+    return draw_stage1(key, batch["image"].shape[0], (h * w, c), s.disc_updates)
+
+  frz = dict(frozen)
+  if g_loss_fn is not None:  # the heads train, but the GAN term reads them like frozen weights
+    frz.update(disc=abstract_state.extra["disc"], spectral=abstract_state.extra.get("spectral"))
+  size = rae.image_size
+  batch = {"image": jax.ShapeDtypeStruct((gb, size, size, 3), np.uint8)}
+  est = memory_lib.check_train_step(loss_fn, draw_fn, abstract_state, shardings, batch, frz,
+                                    batch_shards=mesh_lib.num_batch_shards(mesh), limit=limit,
+                                    what="stage-1 train step")
+  logging.info("stage-1 step estimate per device: %.2f GiB (state %.2f, gradients %.2f, saved "
+               "activations %.2f)", *(est[k] / 2**30 for k in ("total", "state", "grads",
+                                                                "activations")))
+  return est
+
+
 # --------------------------------------------------------------------------------------------
 # The mode
 
@@ -534,6 +577,7 @@ def train_stage1(config: mlc.ConfigDict, workdir: str, *, hooks: Sequence[loop_l
   frozen = common.replicated(mesh, frozen)
   step_fn = make_step(config, rae, parts, shardings, mesh,
                       jax.tree.map(lambda a: a.sharding, frozen))
+  check_step_memory(config, rae, parts, jax.eval_shape(lambda: state), shardings, frozen, mesh)
 
   it = common.data_iterator(source, mesh, gb, config.seed, config=config, image_dtype=np.uint8)
   writer = common.writer(config, workdir, builders.STAGE1_DIR)
