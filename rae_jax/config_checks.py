@@ -74,9 +74,8 @@ def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
     if not 0 <= value < 1:
       raise ConfigError(f"{name}={value!r}: must be in [0, 1)")
   data, fsdp = config.mesh.data, config.mesh.fsdp
-  if data == -1 and fsdp == -1:
-    pass  # automatic: bounded fsdp, the rest on data (train/mesh.py mesh_shape)
-  elif (data < 1 and data != -1) or (fsdp != -1 and fsdp < 1):
+  # Both -1 is automatic (bounded fsdp, the rest on data: train/mesh.py mesh_shape).
+  if (data, fsdp) != (-1, -1) and ((data < 1 and data != -1) or (fsdp != -1 and fsdp < 1)):
     raise ConfigError(f"config.mesh.data={data}, config.mesh.fsdp={fsdp}: each must be >= 1 or "
                       "-1 (all remaining devices; both -1: automatic)")
   elif data == -1 and num_devices % fsdp:
