@@ -5,8 +5,10 @@
 
 Generates --num_images real-size JPEGs once (ImageNet-like: sides 300-500 px, q=90, textured
 content so they do not compress to nothing) under --folder, then times decode -> centre crop
-(the official ADM `center_crop_arr`) -> random flip -> float [0, 1] at 256 px:
-  ours      rae_jax.data DataIterator over image_folder (threads), the path main.py trains from;
+(the official ADM `center_crop_arr`) -> random flip at 256 px:
+  ours      rae_jax.data DataIterator over image_folder (threads), the path main.py trains from
+            (uint8 batches; the float [0, 1] conversion runs on the device), and the same with
+            the float conversion on the host;
   official  torch DataLoader over an ImageFolder-equivalent Dataset with the official transforms
             (PIL decode, center_crop_arr, RandomHorizontalFlip, ToTensor) and the same worker
             count. torchvision itself does not import beside this venv's torch build, so its
@@ -52,11 +54,13 @@ def make_jpegs(folder: str, n: int, classes: int = 10, seed: int = 0) -> None:
   open(done, "w").close()
 
 
-def bench_ours(folder: str, workers: int, batch: int, batches: int, size: int) -> float:
+def bench_ours(folder: str, workers: int, batch: int, batches: int, size: int,
+               image_dtype=np.uint8) -> float:
+  """uint8 is what main.py's training steps take (converted to float on the device)."""
   source = data_lib.make_source(dict(source="image_folder", path=folder, image_size=size))
   it = data_lib.DataIterator(source, batch, seed=0, process_index=0, process_count=1,
                              train=True, flip=True, prefetch=max(2, workers),
-                             num_threads=workers)
+                             num_threads=workers, image_dtype=image_dtype)
   next(it)  # thread start-up
   t = time.perf_counter()
   for _ in range(batches):
@@ -162,7 +166,12 @@ def main():
   rows = []
   ours = bench_ours(os.path.join(args.folder, "images"), args.workers, args.batch, args.batches,
                     args.image_size)
-  rows.append(("images/s, ours (DataIterator, threads)", ours, ours / args.workers))
+  rows.append(("images/s, ours (DataIterator, threads, uint8 as main.py trains)", ours,
+               ours / args.workers))
+  ours_f32 = bench_ours(os.path.join(args.folder, "images"), args.workers, args.batch,
+                        args.batches, args.image_size, np.float32)
+  rows.append(("images/s, ours with float32 [0, 1] on the host", ours_f32,
+               ours_f32 / args.workers))
   official = None
   if not args.skip_official:
     official = bench_official(os.path.join(args.folder, "images"), args.workers, args.batch,
