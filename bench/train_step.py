@@ -519,7 +519,17 @@ def _stage1_plan_parts(c, dtype):
 
 
 def bench_memory_plan(args):
-  """Per-chip memory of the pod recipes per remat policy, and the least-recompute one that fits."""
+  """Per-chip memory of the pod recipes per remat policy, and the least-recompute one that fits.
+
+  The tables in the recipe docstrings come from here. Per-chip GiB are ESTIMATES
+  (train/memory.py, shape-only: float32 params + EMA + Adam sharded on the default mesh,
+  gradients, saved residuals of one per-chip batch at bf16 compute as on TPU). "ok": estimate +
+  margin (1.7 GiB) <= 90% of the chip. The margin comes from COMPILED memory_analysis() of
+  DiTDH-XL 256px, 64 forced host devices x 16 images, float32: 2.88 / 3.37 / 8.70 GiB compiled vs
+  1.19 / 1.75 / 7.31 GiB estimated (nothing_saveable / save_attention_out /
+  dots_with_no_batch_dims_saveable; transients the estimator does not see). Remat never changes
+  results; where "remat off" fits, --config.<section>.remat=False is faster.
+  """
   from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
   gib = 2 ** 30
   dtype = jnp.bfloat16  # compute_dtype='auto' on TPU
@@ -612,6 +622,12 @@ def main():
   args = ARGS
   rows = [r.strip() for r in args.rows.split(',') if r.strip()]
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}')
+  table = {'xl_compile': bench_xl_compile, 'xl_memory': bench_xl_memory,
+           'encoder': bench_encoder, 'xl_step': bench_xl_step, 'stage1_step': bench_stage1_step,
+           'scale': bench_scale, 'memory_plan': bench_memory_plan}
+  unknown = [r for r in rows if r != 's_step' and r not in table]
+  if unknown:
+    raise SystemExit(f'unknown row(s) {unknown}; valid: s_step, {", ".join(table)}')
   for r in rows:
     print(f'== {r}', flush=True)
     if r == 's_step':
@@ -619,22 +635,8 @@ def main():
       if args.torch_ref_src:
         dt_ref = bench_torch_reference(args)
         row('JAX / PyTorch throughput', 'ratio', f'{dt_ref / dt:.2f}x')
-    elif r == 'xl_compile':
-      bench_xl_compile(args)
-    elif r == 'xl_memory':
-      bench_xl_memory(args)
-    elif r == 'encoder':
-      bench_encoder(args)
-    elif r == 'xl_step':
-      bench_xl_step(args)
-    elif r == 'stage1_step':
-      bench_stage1_step(args)
-    elif r == 'scale':
-      bench_scale(args)
-    elif r == 'memory_plan':
-      bench_memory_plan(args)
     else:
-      raise SystemExit(f'unknown row {r!r}')
+      table[r](args)
   print('\n| benchmark | metric | value |\n|---|---|---|')
   for name, metric, value in ROWS:
     print(f'| {name} | {metric} | {value} |')

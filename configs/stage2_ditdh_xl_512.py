@@ -16,13 +16,8 @@ Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate 
 
   python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~1 min on 2 CPUs
 
-Per-chip GiB are ESTIMATES (train/memory.py, shape-only: float32 params + EMA + Adam sharded on
-the default mesh, gradients, saved residuals of one per-chip batch at bf16 compute as on TPU).
-"ok": estimate + 1.7 GiB margin <= 90% of the chip. The margin comes from COMPILED
-memory_analysis() of DiTDH-XL 256px, 64 forced host devices x 16 images, float32: 2.88 / 3.37 /
-8.70 GiB compiled vs 1.19 / 1.75 / 7.31 GiB estimated (nothing_saveable / save_attention_out /
-dots_with_no_batch_dims_saveable; transients the estimator does not see). Step time: not yet
-measured on a pod.
+Per-chip GiB are estimates calibrated on three compiled cells (how: bench/train_step.py
+bench_memory_plan). Step time: not yet measured on a pod.
   64 chips, mesh (1, 64), 16 img/chip:
     off                               91.02 GiB (state+grads 0.24, act 90.77) v5e:NO v4:NO v5p:NO
     dots_saveable                     45.79 GiB (state+grads 0.24, act 45.55) v5e:NO v4:NO v5p:ok
