@@ -139,23 +139,36 @@ def _compiled_step_text(model, batch_size, mesh):
 
 
 def _gathered_activations(hlo: str, batch_size: int) -> list[str]:
-  """Result types of all-gathers that assemble (global batch, tokens, ...) activations."""
+  """Result types of all-gathers that assemble anything of the global batch: (B, N, D)
+  activations, but also (B, D) conditioning and (B,) labels / timesteps."""
   out = []
   for m in re.finditer(r'= (\w+\[([\d,]*)\])\S* all-gather(?:-start)?\(', hlo):
     dims = [int(d) for d in m.group(2).split(',') if d]
-    if len(dims) >= 3 and dims[0] == batch_size:
+    if dims and dims[0] == batch_size:
       out.append(m.group(1))
   return out
 
 
-def test_scanned_blocks_keep_activations_batch_sharded():
+def _tiny_lightning(**kw):
+  import train_worker as tw
+  from rae_jax.models.lightning_dit import LightningDiT
+  return LightningDiT(input_size=4, patch_size=1, in_channels=tw.LATENT[-1], hidden_size=48,
+                      depth=2, num_heads=2, class_dropout_prob=0.1, num_classes=tw.NUM_CLASSES,
+                      **kw)
+
+
+@pytest.mark.parametrize('family', ['ditdh', 'lightning'])
+def test_scanned_blocks_keep_activations_batch_sharded(family):
   """scan_layers=True used to all-gather (B, N, D) activations of the global batch in every
-  block; the blocks' sharding constraints keep them split (checked in the compiled HLO)."""
+  block, and the per-sample conditioning (labels, t embedding, adaLN input) was gathered too;
+  the models' sharding constraints keep everything of the batch split (checked in the compiled
+  HLO of the whole train step, forward and backward)."""
   import train_worker as tw
   batch = 40  # distinct from every width, so a leading 40 is the batch
   mesh = mesh_lib.make_mesh(1, 8)
-  model = tw.tiny_model(scan_layers=True, hidden_size=(48, 64), depth=(2, 1))
-  gathered = _gathered_activations(_compiled_step_text(model, batch, mesh), batch)
+  build = ((lambda: tw.tiny_model(scan_layers=True, hidden_size=(48, 64), depth=(2, 1)))
+           if family == 'ditdh' else (lambda: _tiny_lightning(scan_layers=True)))
+  gathered = _gathered_activations(_compiled_step_text(build(), batch, mesh), batch)
   assert gathered == [], gathered
   # The check does see such gathers: the same scanned model without the mesh context (no
   # constraints) gathers them.
@@ -163,8 +176,7 @@ def test_scanned_blocks_keep_activations_batch_sharded():
   saved = layers.BATCH_AXES
   layers.BATCH_AXES = ('no_such_axis',)
   try:
-    model = tw.tiny_model(scan_layers=True, hidden_size=(48, 64), depth=(2, 1))
-    assert _gathered_activations(_compiled_step_text(model, batch, mesh), batch)
+    assert _gathered_activations(_compiled_step_text(build(), batch, mesh), batch)
   finally:
     layers.BATCH_AXES = saved
 

@@ -229,13 +229,11 @@ def test_l1_only_demo_path_learns(tmp_path):
   assert l1[-5:].mean() < 0.7 * l1[:5].mean(), l1
 
 
-def test_memory_check_at_start_names_the_fields(lpips_dir):
-  """The generator update's estimate (decoder + L1 + LPIPS + GAN term) passes with room and
-  fails, before anything compiles, naming the fields that reduce it."""
+def _sharded_setup(c, lpips_dir):
+  """(rae, parts, frozen, abstract state, shardings, mesh) for `c` on the 8-device mesh."""
   from rae_jax.pipeline import builders
   from rae_jax.train import mesh as mesh_lib
   from rae_jax.train import state as state_lib
-  c = tiny_config(lpips_dir, N_STEPS)
   rae, rae_vars = builders.build_rae(c, "", with_stats=False)
   parts = stage1.build_parts(c, c.data.synthetic_size)
   frozen = {"encoder": rae_vars["encoder"], "lpips": stage1.load_lpips_folder(lpips_dir),
@@ -249,7 +247,54 @@ def test_memory_check_at_start_names_the_fields(lpips_dir):
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   abstract = abstract.replace(ema_params=abstract.params)
   mesh = mesh_lib.make_mesh(1, 8)
-  shardings = state_lib.state_shardings(abstract, mesh)
+  shardings = state_lib.state_shardings(abstract, mesh, min_size=64)
+  return rae, parts, frozen, abstract, shardings, mesh
+
+
+def test_sharded_step_never_gathers_the_global_batch(lpips_dir):
+  """The stage-1 step (decoder, L1 + LPIPS + GAN term, D update) keeps every activation of the
+  global batch split over the devices: unpinned, the discriminator heads' weight-gradient convs
+  all-gathered (B, tokens, C) activations in every head (checked in the compiled HLO)."""
+  import re
+  import jax.numpy as jnp
+  from rae_jax.models import layers
+  from rae_jax.train import mesh as mesh_lib
+  from rae_jax.train import state as state_lib
+  batch = 40  # 5 per device, distinct from every width and token count
+  c = tiny_config(lpips_dir, N_STEPS)
+  c.stage1.global_batch_size = batch
+  c.data.synthetic_size = 4 * batch
+
+  def gathered():
+    rae, parts, frozen, abstract, shardings, mesh = _sharded_setup(c, lpips_dir)
+    rep = mesh_lib.replicated(mesh)
+    frozen_sh = jax.tree.map(lambda _: rep, frozen)
+    step = stage1.make_step(c, rae, parts, shardings, mesh, frozen_sh)
+    size = c.data.image_size
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8,
+                                  sharding=mesh_lib.batch_sharding(mesh))
+    fro = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                       frozen, frozen_sh)
+    hlo = step._build((True, True, True)).lower(
+        state_lib.abstract_state(abstract, shardings), {"image": images}, fro, None).compile(
+            compiler_options={"xla_backend_optimization_level": 0}).as_text()
+    types = re.findall(r"= (\w+\[([\d,]*)\])\S* all-gather(?:-start)?\(", hlo)
+    return [t for t, dims in types if dims.split(",")[0] == str(batch)]
+
+  assert gathered() == []
+  saved = layers.BATCH_AXES  # negative control: without the pins the heads gather the batch
+  layers.BATCH_AXES = ("no_such_axis",)
+  try:
+    assert gathered()
+  finally:
+    layers.BATCH_AXES = saved
+
+
+def test_memory_check_at_start_names_the_fields(lpips_dir):
+  """The generator update's estimate (decoder + L1 + LPIPS + GAN term) passes with room and
+  fails, before anything compiles, naming the fields that reduce it."""
+  c = tiny_config(lpips_dir, N_STEPS)
+  rae, parts, frozen, abstract, shardings, mesh = _sharded_setup(c, lpips_dir)
   est = stage1.check_step_memory(c, rae, parts, abstract, shardings, frozen, mesh, limit=2**34)
   assert 0 < est["activations"] < est["total"] < 2**34
   with pytest.raises(MemoryError, match="decoder.remat"):

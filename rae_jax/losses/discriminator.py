@@ -23,6 +23,7 @@ import flax.linen as nn
 
 from rae_jax.losses.spectral_norm import SPECTRAL, SpectralConv1d
 from rae_jax.models.attention import dot_product_attention
+from rae_jax.models.layers import constrain_batch
 
 # Official recipes (`dinodisc.recipes`): keys of FrozenDINONoDrop.
 RECIPES = {
@@ -172,11 +173,12 @@ class DiscHead(nn.Module):
   def __call__(self, x, train: bool = False):
     c = x.shape[-1]
     conv = functools.partial(SpectralConv1d, use_spectral_norm=self.use_spectral_norm)
-    x = conv(c, 1, name="conv_in")(x, train)
-    x = nn.leaky_relu(self._norm("norm_in")(x), 0.2)
-    h = conv(c, self.ks, name="conv_res")(x, train)
+    # Batch-sharded activations: unpinned, the weight-gradient convs all-gather the global batch.
+    x = constrain_batch(conv(c, 1, name="conv_in")(constrain_batch(x), train))
+    x = constrain_batch(nn.leaky_relu(self._norm("norm_in")(x), 0.2))
+    h = constrain_batch(conv(c, self.ks, name="conv_res")(x, train))
     h = nn.leaky_relu(self._norm("norm_res")(h), 0.2)
-    x = (h + x) * (1.0 / np.sqrt(2.0))
+    x = constrain_batch((h + x) * (1.0 / np.sqrt(2.0)))
     return conv(1, 1, name="conv_out")(x, train)[..., 0]
 
 

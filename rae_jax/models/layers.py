@@ -269,13 +269,14 @@ class GaussianFourierEmbedder(nn.Module):
     w = self.param("W", nn.initializers.normal(self.scale), (self.embedding_size,), jnp.float32)
     w = jax.lax.stop_gradient(w)
     ang = t.astype(jnp.float32)[:, None] * w[None, :] * 2 * jnp.pi
-    emb = jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
+    emb = constrain_batch(jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1))
     bias = lambda fan_in: (nn.initializers.zeros if self.xavier else
                            torch_default_bias_init(fan_in))
     # Kept in float32 whatever the compute dtype: t varies smoothly and is tiny to compute.
     emb = nn.Dense(self.hidden_size, dtype=jnp.float32, name="mlp_0",
                    kernel_init=nn.initializers.normal(0.02),
                    bias_init=bias(2 * self.embedding_size))(emb)
+    emb = constrain_batch(emb)
     return nn.Dense(self.hidden_size, dtype=jnp.float32, name="mlp_2",
                     kernel_init=nn.initializers.normal(0.02),
                     bias_init=bias(self.hidden_size))(nn.silu(emb))
@@ -307,7 +308,10 @@ class LabelEmbedder(nn.Module):
         raise ValueError("label dropout mask given, but the model has no null class "
                          "(class_dropout_prob=0)")
       labels = jnp.where(jnp.asarray(force_drop_ids, bool), self.num_classes, labels)
-    return table(labels)
+    # The (tiny) table is gathered whole, as FSDP gathers every weight, so the lookup stays
+    # local to each batch shard instead of gathering the global batch's labels.
+    rows_table = replicate(table.embedding).astype(self.dtype)
+    return jnp.take(rows_table, constrain_batch(labels), axis=0)
 
 
 def draw_label_drop(key, shape, prob: float) -> jax.Array:
@@ -338,6 +342,13 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   if shards <= 1 or x.shape[0] % shards:
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
+def replicate(x: jax.Array) -> jax.Array:
+  """Pins a weight to be whole on every device when traced under a mesh (identity otherwise)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
 
 
 def match_tokens(mod: jax.Array, num_tokens: int) -> jax.Array:
@@ -386,6 +397,7 @@ class DiTBlock(nn.Module):
     n_mod = 4 if self.wo_shift else 6
     x, c = constrain_batch(x), constrain_batch(c)
     mod = nn.Dense(n_mod * d, dtype=self.dtype, name="adaLN_modulation", **ZERO_INIT)(nn.silu(c))
+    mod = constrain_batch(mod)
     chunks = jnp.split(match_tokens(mod, x.shape[1]), n_mod, axis=-1)
     if self.wo_shift:
       (scale_msa, gate_msa, scale_mlp, gate_mlp), shift_msa, shift_mlp = chunks, None, None
@@ -421,8 +433,9 @@ class FinalLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, c):
-    mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, name="adaLN_modulation",
-                   **ZERO_INIT)(nn.silu(c))
+    x, c = constrain_batch(x), constrain_batch(c)
+    mod = constrain_batch(nn.Dense(2 * self.hidden_size, dtype=self.dtype,
+                                   name="adaLN_modulation", **ZERO_INIT)(nn.silu(c)))
     shift, scale = jnp.split(match_tokens(mod, x.shape[1]), 2, axis=-1)
     x = modulate(make_norm(self.use_rmsnorm, "norm_final", self.dtype)(x).astype(x.dtype),
                  shift, scale)
