@@ -172,13 +172,13 @@ def test_scanned_blocks_keep_activations_batch_sharded(family):
   assert gathered == [], gathered
   # The check does see such gathers: the same scanned model without the mesh context (no
   # constraints) gathers them.
-  from rae_jax.models import layers
-  saved = layers.BATCH_AXES
-  layers.BATCH_AXES = ('no_such_axis',)
+  from rae_jax.models import partitioning
+  saved = partitioning.BATCH_AXES
+  partitioning.BATCH_AXES = ('no_such_axis',)
   try:
     assert _gathered_activations(_compiled_step_text(build(), batch, mesh), batch)
   finally:
-    layers.BATCH_AXES = saved
+    partitioning.BATCH_AXES = saved
 
 
 # ------------------------------------------------------------------ item 4: remat policies

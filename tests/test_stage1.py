@@ -257,7 +257,7 @@ def test_sharded_step_never_gathers_the_global_batch(lpips_dir):
   all-gathered (B, tokens, C) activations in every head (checked in the compiled HLO)."""
   import re
   import jax.numpy as jnp
-  from rae_jax.models import layers
+  from rae_jax.models import partitioning
   from rae_jax.train import mesh as mesh_lib
   from rae_jax.train import state as state_lib
   batch = 40  # 5 per device, distinct from every width and token count
@@ -282,12 +282,12 @@ def test_sharded_step_never_gathers_the_global_batch(lpips_dir):
     return [t for t, dims in types if dims.split(",")[0] == str(batch)]
 
   assert gathered() == []
-  saved = layers.BATCH_AXES  # negative control: without the pins the heads gather the batch
-  layers.BATCH_AXES = ("no_such_axis",)
+  saved = partitioning.BATCH_AXES  # negative control: without the pins the heads gather the batch
+  partitioning.BATCH_AXES = ("no_such_axis",)
   try:
     assert gathered()
   finally:
-    layers.BATCH_AXES = saved
+    partitioning.BATCH_AXES = saved
 
 
 def test_memory_check_at_start_names_the_fields(lpips_dir):

@@ -23,7 +23,7 @@ import flax.linen as nn
 
 from rae_jax.losses.spectral_norm import SPECTRAL, SpectralConv1d
 from rae_jax.models.attention import dot_product_attention
-from rae_jax.models.layers import constrain_batch
+from rae_jax.models.partitioning import constrain_batch
 
 # Official recipes (`dinodisc.recipes`): keys of FrozenDINONoDrop.
 RECIPES = {

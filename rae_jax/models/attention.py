@@ -6,11 +6,12 @@
   cudnn   cuDNN flash attention (jax.nn.dot_product_attention(implementation='cudnn')); CUDA
           GPUs, bf16/fp16 inputs, head_dim a multiple of 8 and <= 128.
   splash  the Pallas TPU splash-attention kernel; sequence padded to its 128-token blocks with
-          segment ids masking the pad. Per-device: under a sharded jit wrap the caller in
-          shard_map over the batch axes (XLA cannot partition a Mosaic call).
+          segment ids masking the pad. XLA cannot partition a Mosaic call, so when traced under
+          a mesh (the train steps are) the kernel runs per device inside shard_map over the
+          batch axes: no collective, each device attends over its own examples.
   auto    cudnn on a GPU when the inputs are bf16/fp16 and the head fits, else xla. On TPU it
-          stays xla: for the <= 1k-token grids of RAE, XLA's fused attention partitions under
-          GSPMD and the kernel would need shard_map; select splash explicitly for long grids.
+          stays xla: for the <= 1k-token grids of RAE, XLA's fused attention is as fast and
+          needs no shard_map; select splash explicitly for long grids.
 
 A forced kernel on the wrong backend or dtype raises instead of silently running xla.
 """
@@ -22,6 +23,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rae_jax.models.partitioning import per_batch_shard
 
 IMPLS = ("xla", "cudnn", "splash", "auto")
 SPLASH_BLOCK = 128
@@ -81,7 +84,8 @@ def _splash(q, k, v, interpret: bool):
   if pad:  # pad tokens form their own segment: real queries never attend to them
     ids = jnp.concatenate([jnp.ones((n,), jnp.int32), jnp.zeros((pad,), jnp.int32)])
     seg = sa.SegmentIds(q=ids, kv=ids)
-  out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=seg))(q, k, v)
+  per_device = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=seg))
+  out = per_batch_shard(per_device, q.shape[0])(q, k, v)
   return out.transpose(0, 2, 1, 3)[:, :n]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from rae_jax.models.attention import dot_product_attention
+from rae_jax.models.partitioning import constrain_batch, replicate
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -321,34 +322,6 @@ def draw_label_drop(key, shape, prob: float) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------------
 # adaLN-modulated blocks.
-
-
-BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over (train/mesh.py)
-
-
-def constrain_batch(x: jax.Array) -> jax.Array:
-  """Pins activations to batch sharding over ('data', 'fsdp') when traced under a mesh.
-
-  Inside nn.scan the partitioner loses the batch sharding of the carry and all-gathers whole
-  global-batch activations in every layer (~97 GiB per device per step for DiTDH-XL at batch
-  1024 on 64 devices); the constraint keeps them split. Without a mesh (or with a batch the
-  mesh does not divide) it is the identity, so single-device use is unchanged.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-  if shards <= 1 or x.shape[0] % shards:
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
-
-
-def replicate(x: jax.Array) -> jax.Array:
-  """Pins a weight to be whole on every device when traced under a mesh (identity otherwise)."""
-  if jax.sharding.get_abstract_mesh().empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
 
 
 def match_tokens(mod: jax.Array, num_tokens: int) -> jax.Array:
