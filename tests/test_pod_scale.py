@@ -321,6 +321,40 @@ def test_sampler_output_stays_batch_sharded():
     sampler.sharded(params, None, {}, np.zeros(17, np.int32), np.zeros(17, np.int32), None)
 
 
+@pytest.mark.parametrize('guidance', ['cfg', 'autoguidance'])
+def test_guided_sampling_moves_nothing_between_devices(guidance):
+  """The real generate (scanned DiTDH, 3 Euler steps with guidance, RAE decode) compiled for a
+  batch-sharded global batch on 8 devices has no collective at all: CFG pairs each sample's
+  cond / null rows on its own device ([cond; null] concatenation permuted half of every
+  device's activations at every step)."""
+  import importlib.util
+  from conftest import REPO
+  from rae_jax.pipeline import builders, generate
+  spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.scan_layers = True
+  c.guidance.method, c.guidance.scale, c.sampler.num_steps = guidance, 1.5, 3
+  model = builders.build_stage2_model(c.model, jnp.float32)
+  rae, rae_vars = builders.build_rae(c, '', with_stats=False)
+  guide = model if guidance == 'autoguidance' else None
+  gen = generate.make_generate(c, model, rae, generate.transport_for(c, rae.latent_shape),
+                               guide_model=guide)
+  params = jax.eval_shape(lambda k: builders.init_stage2_params(model, rae.latent_shape, k),
+                          jax.random.PRNGKey(0))
+  mesh = mesh_lib.make_mesh(1, 8)
+  rep, bsh = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  fn = jax.jit(gen, in_shardings=(rep, rep, rep, bsh, bsh, rep), out_shardings=bsh)
+  sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+  ids = jax.ShapeDtypeStruct((40,), jnp.int32)
+  hlo = fn.lower(sds(params), sds(params) if guide else None, sds(rae_vars), ids, ids,
+                 jax.random.PRNGKey(0)).compile().as_text()
+  found = re.findall(r'(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)'
+                     r'(?:-start)?\(', hlo)
+  assert found == [], sorted(set(found))
+
+
 def test_eval_batches_span_shards(tmp_path):
   """Work = N rounded up to one global batch (not every shard padded to whole batches); shard
   files are identical to shard-by-shard generation and resume skips finished shards."""

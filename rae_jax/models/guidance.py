@@ -44,16 +44,23 @@ def guide(main: jax.Array, other: jax.Array, t: jax.Array, scale, interval) -> j
 
 def cfg_velocity(model_fn: ModelFn, x: jax.Array, t, y: jax.Array, *, scale,
                  interval: Sequence[float] = (0.0, 1.0), null_class: int) -> jax.Array:
-  """Classifier-free guidance for the batch (x, t, y): one forward over [cond; null] (2B)."""
+  """Classifier-free guidance for the batch (x, t, y): one forward over 2B rows.
+
+  Each sample's cond and null rows sit side by side (interleaved, not [cond; null]): on a
+  batch-sharded mesh every device then doubles its own rows, where the concatenation moved half
+  of every device's activations to another device at every sampling step.
+  """
   b = x.shape[0]
   t = _per_sample(t, b)
   if _is_one(scale):
     return model_fn(x, t, y)
   _check_interval(interval)
-  out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                 jnp.concatenate([y, jnp.full_like(y, null_class)]))
-  cond, uncond = out[:b], out[b:]
-  return guide(cond, uncond, t, scale, interval)
+
+  def pairs(cond, null):
+    return jnp.stack([cond, null], axis=1).reshape((2 * b,) + cond.shape[1:])
+  out = model_fn(pairs(x, x), pairs(t, t), pairs(y, jnp.full_like(y, null_class)))
+  out = out.reshape((b, 2) + out.shape[1:])
+  return guide(out[:, 0], out[:, 1], t, scale, interval)
 
 
 def autoguidance_velocity(model_fn: ModelFn, guide_fn: ModelFn, x: jax.Array, t, y: jax.Array,
