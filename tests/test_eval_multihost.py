@@ -148,3 +148,20 @@ def test_parts_tile_shards_and_stale_parts_are_removed(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   with pytest.raises(ValueError, match='needs a sample_fn with a per-process'):
     generation.generate_shards(lambda y, i: None, labels, str(tmp_path / 'x'), 7)
+
+
+def test_sampler_batches_are_the_scorers_batches():
+  """The online eval hook feeds Inception the sampler's batch-sharded images: they must be the
+  very batches (rows, padding, sharding) the scorer builds from the same images on the host."""
+  from rae_jax.eval import scoring
+  mesh = mesh_lib.make_mesh(1, 8)
+  sampler = generation.ShardedSampler(eval_worker.toy_generate, mesh, per_device_batch=1)
+  scorer = scoring.Scorer(mesh, None, True, 1)
+  labels, key = eval_worker.toy_labels()[:19], jax.random.PRNGKey(3)
+  host = sampler({}, None, {}, labels, np.arange(19), key)
+  ours = list(sampler.batches({}, None, {}, labels, np.arange(19), key))
+  theirs = list(scorer.global_batches(scoring.array_reader(host), 19))
+  assert [k for _, k in ours] == [k for _, k in theirs] == [8, 8, 3]
+  for (x, _), (y, _) in zip(ours, theirs):
+    assert x.sharding.is_equivalent_to(y.sharding, 4) and x.dtype == y.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import zipfile
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,20 +105,25 @@ class ShardedSampler:
     out = self._run(params, guide_params, rae_vars, labels[pos], indices[pos], seed_key)
     return local_rows(out, self._rows)[:n]
 
-  def __call__(self, params, guide_params, rae_vars, labels: np.ndarray, indices: np.ndarray,
-               seed_key: jax.Array) -> np.ndarray:
-    """All samples on every host: for small previews only (large sets: generate_shards)."""
+  def batches(self, params, guide_params, rae_vars, labels: np.ndarray, indices: np.ndarray,
+              seed_key: jax.Array) -> Iterator[tuple[jax.Array, int]]:
+    """(batch-sharded uint8 images, real rows) per global batch, in order: the batches
+    `Scorer.global_batches` builds from the same images (same padding), so features can be
+    taken without the images leaving the devices (the online eval hook)."""
     labels = np.asarray(labels, np.int32)
     indices = np.asarray(indices, np.int32)
     if labels.shape != indices.shape or labels.ndim != 1:
       raise ValueError(f"labels {labels.shape} and indices {indices.shape} must be equal 1-D")
-    out = []
     for start in range(0, len(labels), self.global_batch):
       stop = min(start + self.global_batch, len(labels))
-      imgs = self.sharded(params, guide_params, rae_vars, labels[start:stop],
-                          indices[start:stop], seed_key)
-      out.append(fetch(imgs)[:stop - start])
-    return np.concatenate(out)
+      yield self.sharded(params, guide_params, rae_vars, labels[start:stop],
+                         indices[start:stop], seed_key), stop - start
+
+  def __call__(self, params, guide_params, rae_vars, labels: np.ndarray, indices: np.ndarray,
+               seed_key: jax.Array) -> np.ndarray:
+    """All samples on every host: for small previews only (large sets: generate_shards)."""
+    return np.concatenate([fetch(x)[:k] for x, k in self.batches(
+        params, guide_params, rae_vars, labels, indices, seed_key)])
 
 
 def local_rows(x: jax.Array, rows: slice) -> np.ndarray:

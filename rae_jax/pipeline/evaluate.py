@@ -194,7 +194,8 @@ def make_online_eval_hook(config: mlc.ConfigDict, workdir: str, *, mesh, model, 
   (TensorBoard via `writer`, online_metrics.jsonl) and returns the metrics; else None.
 
   Compiled once (first call); the same indices/labels every time, so curves compare like with
-  like."""
+  like. Inception runs on the sampler's batch-sharded images (eval.per_device_batch, as the
+  scorer from the config does), so no image is gathered to any host."""
   every, n = int(config.eval.online_every_steps), int(config.eval.online_num_samples)
   if every > 0 and n < 2:
     raise ValueError(f"eval.online_num_samples must be >= 2 for FID, got {n}")
@@ -214,8 +215,13 @@ def make_online_eval_hook(config: mlc.ConfigDict, workdir: str, *, mesh, model, 
     if "reference" not in lazy:
       lazy["reference"] = resolve_reference(config, workdir, lazy["scorer"])
     s = lazy["scorer"]
-    imgs = sampler(params_of(state), guide_params, rae_vars, labels, np.arange(n), seed_key)
-    feats = scoring.extract(s, scoring.array_reader(imgs), n, max_kept=n)
+    # Features straight from the batch-sharded images: no image reaches any host.
+    def feature_batches():
+      for x, k in sampler.batches(params_of(state), guide_params, rae_vars, labels,
+                                  np.arange(n), seed_key):
+        pool3, logits = s.features(x)
+        yield pool3[:k], logits[:k]
+    feats = scoring.accumulate(feature_batches(), max_kept=n)
     m = scoring.score(feats, lazy["reference"], is_random=s.is_random)
     scalars = {f"online_eval/{k}": v for k, v in m.items() if isinstance(v, float)}
     if writer is not None:
