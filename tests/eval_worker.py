@@ -72,7 +72,10 @@ def run(bound, directory: str, stop_after: int = 0) -> dict:
     generation.generate_shards(fn, toy_labels(), directory, SHARD_SIZE, manifest=MANIFEST,
                                on_shard=lambda i, p: wrote.append(os.path.basename(p)))
   except Preempted:
-    pass
+    # The whole job ends here: a restarted job only starts once every old process wrote its last
+    # file (without this, process 0 could clean up before process 1's last write landed).
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('preempted')
   return {'calls': fn.calls, 'rows': fn.rows, 'wrote': wrote,
           'local_batch': fn.local_batch, 'global_batch': fn.global_batch}
 
