@@ -355,6 +355,33 @@ def test_guided_sampling_moves_nothing_between_devices(guidance):
   assert found == [], sorted(set(found))
 
 
+def test_latent_cache_encodes_images_and_mirrors_in_place():
+  """The latent-cache pass encodes each image and its mirror on the device that holds it: no
+  collective in the compiled encoder pass over a batch-sharded global batch."""
+  import importlib.util
+  from conftest import REPO
+  from rae_jax.pipeline import builders, latents
+  spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  rae, rae_vars = builders.build_rae(c, '', with_stats=False)
+  mesh = mesh_lib.make_mesh(1, 8)
+  size = c.data.image_size
+  images = np.random.default_rng(0).random((16, size, size, 3), np.float32)
+  fn = latents.encode_with_mirrors(rae, mesh)
+  x = jax.device_put(images, mesh_lib.batch_sharding(mesh))
+  enc = jax.device_put(rae_vars['encoder'], mesh_lib.replicated(mesh))
+  z = fn(enc, x)
+  assert {s.data.shape[0] for s in z.addressable_shards} == {2}  # 2 images per device
+  hlo = fn.lower(enc, x).compile().as_text()
+  found = re.findall(r'(all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(', hlo)
+  assert found == [], sorted(set(found))
+  ref = rae.encode(rae_vars, np.concatenate([images, images[:, :, ::-1]]))
+  np.testing.assert_allclose(np.asarray(z), np.stack([ref[:16], ref[16:]], 1), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_eval_batches_span_shards(tmp_path):
   """Work = N rounded up to one global batch (not every shard padded to whole batches); shard
   files are identical to shard-by-shard generation and resume skips finished shards."""

@@ -73,7 +73,8 @@ def make_reconstruct(rae, mesh):
     r = rec.astype(jnp.float32) / 255.0
     return rec, psnr(r, x), ssim(r, x)
   rep = mesh_lib.replicated(mesh)
-  return jax.jit(fn, out_shardings=(mesh_lib.batch_sharding(mesh), rep, rep))
+  return jax.jit(mesh_lib.traced_under(mesh, fn),
+                 out_shardings=(mesh_lib.batch_sharding(mesh), rep, rep))
 
 
 @functools.lru_cache(maxsize=4)

@@ -135,7 +135,6 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
   flips = data_lib.epoch_flips(config.seed, 0, len(source))
   rep = common.replicated(mesh, variables["encoder"])
 
-  @jax.jit
   def batch_moments(enc_params, images, valid):
     z = rae.encode({"encoder": enc_params}, images)  # no stats, no noise
     w = valid.astype(jnp.float32)[:, None, None, None]
@@ -143,6 +142,7 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
     mean = jnp.sum(z * w, 0) / jnp.maximum(cnt, 1)
     m2 = jnp.sum(w * (z - mean) ** 2, 0)
     return cnt, mean, m2
+  batch_moments = jax.jit(mesh_lib.traced_under(mesh, batch_moments))
 
   count, mean, m2 = 0.0, None, None
   for b, images, _, valid, _ in full_pass(source, mesh, gb, flips, config.data.num_threads):
@@ -171,6 +171,18 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
     logging.info("stats: %d examples, latent %s, mean |mu| %.4f, mean var %.4f -> %s",
                  int(count), mean.shape, np.abs(mean).mean(), var.mean(), path)
   return path
+
+
+def encode_with_mirrors(rae, mesh) -> Callable:
+  """Jitted (encoder params, images (B,H,W,3)) -> raw latents (B, 2, h, w, C): each image and
+  its mirror. Each image sits next to its mirror in the encoder's batch, so every device encodes
+  its own rows ([images; mirrors] moved half of every device's batch to another device)."""
+  def encode_both(enc_params, images):
+    n = images.shape[0]
+    both = jnp.stack([images, images[:, :, ::-1]], 1).reshape((2 * n,) + images.shape[1:])
+    z = rae.encode({"encoder": enc_params}, both)
+    return z.reshape((n, 2) + z.shape[1:])
+  return jax.jit(mesh_lib.traced_under(mesh, encode_both))
 
 
 def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
@@ -215,12 +227,7 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
                                       dtype=config.stage2.get("latent_cache_dtype", "float16"))
   rep = common.replicated(mesh, variables["encoder"])
 
-  @jax.jit
-  def encode_both(enc_params, images):
-    both = jnp.concatenate([images, images[:, :, ::-1]], 0)
-    z = rae.encode({"encoder": enc_params}, both)
-    n = images.shape[0]
-    return jnp.stack([z[:n], z[n:]], 1)
+  encode_both = encode_with_mirrors(rae, mesh)
 
   no_flip = np.zeros(len(source), bool)
   num_batches = -(-len(source) // gb)

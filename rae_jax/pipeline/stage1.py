@@ -443,12 +443,7 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
     use_lpips, use_gan, train_disc = phase
     phase_step = functools.partial(step, use_lpips=use_lpips, use_gan=use_gan,
                                    train_disc=train_disc)
-
-    def stage1_step(*args):
-      # Traced under the mesh, so models pin activation shardings (layers.constrain_batch).
-      with jax.sharding.use_abstract_mesh(batch_sharding.mesh.abstract_mesh):
-        return phase_step(*args)
-    return jax.jit(stage1_step,
+    return jax.jit(mesh_lib.traced_under(batch_sharding.mesh, phase_step),
                    in_shardings=(state_shardings, batch_sharding, frozen_shardings, replicated),
                    out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else ())

@@ -8,6 +8,7 @@ on 'data'; on multi-slice TPU jobs 'data' spans the slices (DCN) and 'fsdp' stay
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional, Sequence
@@ -147,6 +148,17 @@ def make_mesh(data: int = 1, fsdp: int = -1,
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over all mesh axes; other dims whole."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def traced_under(mesh: Mesh, fn):
+  """`fn` traced under the mesh (as an abstract mesh), for jax.jit: the models then pin their
+  activations to batch shards and run per-device kernels in shard_map (models/partitioning.py).
+  Every jitted program over batch-sharded data goes through this."""
+  @functools.wraps(fn)
+  def under_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return under_mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rae_jax.train import mesh as mesh_lib
 from rae_jax.train.ema import ema_update
 from rae_jax.train.state import TrainState
 
@@ -118,11 +119,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
 
   def step(state: TrainState, batch: Any, frozen: Any, draws: Any):
-    # Traced under the mesh, so models can pin activation shardings (layers.constrain_batch).
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return _step(state, batch, frozen, draws)
-
-  def _step(state: TrainState, batch: Any, frozen: Any, draws: Any):
     batch = images_to_unit_float(batch)
     key = jax.random.fold_in(state.rng, state.step)
     if accum_steps == 1:
@@ -173,6 +169,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   replicated = NamedSharding(mesh, P())
   in_shardings = (state_shardings, batch_sharding,
                   frozen_shardings if with_frozen else replicated, replicated)
-  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated),
+  jitted = jax.jit(mesh_lib.traced_under(mesh, step), in_shardings=in_shardings,
+                   out_shardings=(state_shardings, replicated),
                    donate_argnums=(0,) if donate else ())
   return TrainStep(jitted, with_frozen)
