@@ -71,7 +71,7 @@ class ShardedSampler:
     self.global_batch = int(per_device_batch) * mesh_lib.num_batch_shards(mesh)
     self._rows = mesh_lib.process_batch_slice(mesh, self.global_batch)
     self.local_batch = self._rows.stop - self._rows.start
-    self._fn = jax.jit(lambda *a: images_to_uint8(generate(*a)),
+    self._fn = jax.jit(mesh_lib.traced_under(mesh, lambda *a: images_to_uint8(generate(*a))),
                        out_shardings=mesh_lib.batch_sharding(mesh))
 
   def _run(self, params, guide_params, rae_vars, local_labels, local_indices,
