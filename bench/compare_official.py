@@ -36,7 +36,17 @@ Rows (float32, this CPU, same shapes both sides; --steps/--num_images/--repeats/
   Inception pool3      --inception_batch 256 px uint8 images, resized to 299 inside (images/s).
   data loading         bench/data.py's ours vs official-equivalent DataLoader, 256px JPEGs.
 Each time is the median of --repeats runs after one warm-up call (the sampling row runs once: its
-first call is the measurement; ours is compiled beforehand).
+first call is the measurement; ours is compiled beforehand). Both sides use every core they are
+given (torch's intra-op threads, XLA's CPU thread pool); run on an idle machine: under contention
+PyTorch's OpenMP threads lose more than XLA, which inflates the speed-ups.
+Differences that are the official code's own: its stage-1 EMA also averages the frozen encoder
+(update_ema walks all of rae.named_parameters()); it re-runs the encoder for the D update's fresh
+reconstruction, as ours does. DDP is left out (one process, as on one device).
+
+Defaults are the issue's settings (50 sampler steps, 8 images, stage-1 batch 2 at 256 px). A quick
+check on a busy machine: --batch 2 --steps 3 --num_images 2 --repeats 1 --s1_image_size 64
+--s1_encoder_input 56 --inception_batch 4 (2 minutes on the idle 2-core machine, 4 when loaded).
+The full default run takes about 15-20 minutes there, most of it the two 50-step samplers.
 """
 from __future__ import annotations
 
@@ -338,7 +348,8 @@ def official_inception(args, out):
 
 def official_worker(args):
   _import_official(args)
-  out = {}
+  import torch  # pylint: disable=g-import-not-at-top
+  out = {"torch_threads": torch.get_num_threads()}
   official_stage2(args, out)
   if not args.skip_stage1:
     official_stage1(args, out)
@@ -554,7 +565,7 @@ def main():
     jax_stage1(args, ours)
   jax_inception(args, ours)
 
-  print("\n" + machine_line(load))
+  print("\n" + machine_line(load) + f"; torch intra-op threads {ref['torch_threads']}")
   print("\n| benchmark (fp32, CPU, random weights) | official PyTorch | rae-jax | speed-up |\n"
         "|---|---|---|---|")
   rows = [(f"DiTDH-S train step, batch {args.batch}", "train"),
