@@ -23,10 +23,10 @@ Rows:
   memory_plan  Per-chip memory plan of the pod recipes (configs/stage2_ditdh_xl_256.py, _512.py,
              stage1_dinov2b_decxl_256.py) at --plan_chips chips (default mesh, recipe global
              batch, bf16 compute as on TPU) for every remat policy, from the shape-only estimator
-             (train/memory.py; 256 forced host devices, nothing compiled), marked against 16 GiB
-             (v5e), 32 GiB (v4) and 95 GiB (v5p) at 90% headroom; then the least-recompute
-             policy that fits each chip. --plan_compile policies additionally compile the
-             DiTDH-XL 256px step at 64 devices (memory_analysis(), minutes each) to calibrate.
+             (train/memory.py) and the compiled step's memory_analysis() on 256 forced host
+             devices (bench_memory_plan says how they combine), marked against 16 GiB (v5e),
+             32 GiB (v4) and 95 GiB (v5p) at 90% headroom; then the least-recompute policy that
+             fits each chip. ~20 min on 2 CPUs (--plan_compile='' : estimates only, ~1 min).
   stage1_step  Stage-1 step of the ViT-XL decoder with L1 + LPIPS (VGG16) + DINO-S/8 GAN and a
              D update at 256px, DINOv2-B-sized frozen encoder (random weights), --s1_batch.
   s_step, xl_step and stage1_step print model FLOPs per step from compiled.cost_analysis() next
@@ -64,11 +64,12 @@ def parse_args(argv=None):
   p.add_argument('--scale_compile', default='nothing_saveable',
                  help='remat policies whose DiTDH-XL step the scale row compiles ("" for none)')
   p.add_argument('--plan_margin_gib', type=float, default=1.7,
-                 help='memory_plan: added to each estimate before the fits check (compiled minus '
-                      'estimated, DiTDH-XL 256px nothing_saveable at 64 x 16 img)')
+                 help='memory_plan: added to the estimate of cells that are not compiled '
+                      '(compiled minus estimated, DiTDH-XL 256px nothing_saveable at 64 x 16 img)')
   p.add_argument('--plan_chips', default='64,256', help='chip counts for memory_plan')
-  p.add_argument('--plan_compile', default='',
-                 help='remat policies whose DiTDH-XL 256px step memory_plan compiles at 64 devices')
+  p.add_argument('--plan_compile', default='all',
+                 help='memory_plan: remat policies (off, dots_saveable, ...) whose cells are '
+                      'compiled (memory_analysis); all (default) or "" (estimates only)')
   p.add_argument('--torch_ref_src', default=None,
                  help='official RAE src/ folder: also time its train step (PyTorch, CPU)')
   p.add_argument('--torch_threads', type=int, default=0, help='torch.set_num_threads (0: default)')
@@ -443,6 +444,7 @@ def bench_scale(args):
       row(name, 'largest collectives', '; '.join(_collectives(compiled.as_text())))
 
 
+IMAGENET_SIZE = 1_281_167  # training images: sets the recipes' schedules, not memory
 PLAN_RECIPES = ('stage2_ditdh_xl_256', 'stage2_ditdh_xl_512', 'stage1_dinov2b_decxl_256')
 
 
@@ -456,132 +458,205 @@ def _recipe(name: str):
   return mod.get_config()
 
 
+def _compiled_bytes(lowered) -> int:
+  """Per-device bytes of a compiled program (memory_analysis: arguments + outputs - donated
+  aliases + temporaries)."""
+  m = lowered.compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+             m.temp_size_in_bytes)
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
 def _stage2_plan_parts(c, dtype):
-  """(state-estimate fn(mesh), residual-bytes fn(policy, per-device batch)) of a stage-2 recipe."""
-  from rae_jax.pipeline import builders  # pylint: disable=g-import-not-at-top
+  """(abstract state, residual-bytes fn(policy, per-device batch), frozen bytes, compiled-bytes
+  fn(policy, mesh)) of a stage-2 recipe; the compiled step is the one main.py runs on cached
+  latents (stage2.make_step), float32."""
+  from rae_jax.pipeline import builders, common, generate, stage2  # pylint: disable=g-import-not-at-top
   from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
   model = builders.build_stage2_model(c.model, dtype)
-  latent = (c.model.input_size, c.model.input_size, c.model.in_channels)
+  latent = builders.stage2_latent_shape(c)
   tx = optim.make_optimizer(1e-4, clip_grad=1.0)
   state = jax.eval_shape(lambda k: state_lib.create_train_state(
       builders.init_stage2_params(model, latent, k), tx, k), jax.random.PRNGKey(0))
 
+  def remat(m, policy):
+    return m.clone(remat=policy is not None, remat_policy=policy or 'nothing_saveable')
+
   def acts(policy, b):
-    m = model.clone(remat=policy is not None, remat_policy=policy or 'nothing_saveable')
+    m = remat(model, policy)
     x = jax.ShapeDtypeStruct((b,) + latent, jnp.float32)
     t = jax.ShapeDtypeStruct((b,), jnp.float32)
     y = jax.ShapeDtypeStruct((b,), jnp.int32)
     return memory.residual_bytes(
         lambda p, x, t, y: jnp.sum(m.apply({'params': p}, x, t, y).astype(jnp.float32)),
         state.params, x, t, y)
-  return state, acts, 0
+
+  def compiled(policy, mesh):
+    m = remat(builders.build_stage2_model(c.model, jnp.float32), policy)
+    gb = c.stage2.global_batch_size
+    sched = common.optimizer(c.stage2.optim, IMAGENET_SIZE, gb)
+    abstract = jax.eval_shape(lambda k: state_lib.create_train_state(
+        builders.init_stage2_params(m, latent, k), sched.tx, k), jax.random.PRNGKey(0))
+    shardings = state_lib.state_shardings(abstract, mesh)
+    step = stage2.make_step(c, m, None, generate.transport_for(c, latent), sched, shardings,
+                            mesh, from_cache=True, frozen_shardings={'stats': {}},
+                            latent_shape=latent)
+    bs = mesh_lib.batch_sharding(mesh)
+    batch = {'latent': jax.ShapeDtypeStruct((gb,) + latent, jnp.float32, sharding=bs),
+             'label': jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=bs)}
+    return _compiled_bytes(step.lower(state_lib.abstract_state(abstract, shardings), batch,
+                                      {'stats': {}}))
+  return state, acts, 0, compiled
 
 
 def _stage1_plan_parts(c, dtype):
-  """The generator half of the stage-1 step (decoder fwd/bwd through L1 + LPIPS + DINO GAN, the
-  peak; the D update runs after the decoder's residuals are freed); frozen weights replicated."""
+  """The same for stage 1. The estimate counts the generator half of the step (decoder fwd/bwd
+  through L1 + LPIPS + DINO GAN, the peak; the D update runs after the decoder's residuals are
+  freed), frozen weights replicated; the compiled program is the whole step main.py runs
+  (stage1.make_step, every loss term and the D update on), float32, random weights."""
+  from rae_jax.interop.rae_loader import read_decoder_config  # pylint: disable=g-import-not-at-top
   from rae_jax.losses.lpips import LPIPS  # pylint: disable=g-import-not-at-top
-  from rae_jax.models.decoder import ViTDecoder  # pylint: disable=g-import-not-at-top
-  from rae_jax.pipeline import stage1  # pylint: disable=g-import-not-at-top
+  from rae_jax.models.decoder import decoder_from_hf_config  # pylint: disable=g-import-not-at-top
+  from rae_jax.models.rae import RAE  # pylint: disable=g-import-not-at-top
+  from rae_jax.models.vit_encoders import build_encoder  # pylint: disable=g-import-not-at-top
+  from rae_jax.pipeline import builders, stage1  # pylint: disable=g-import-not-at-top
   from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
-  d = c.decoder
-  grid = c.encoder.input_size // c.encoder.patch_size
-  decoder = ViTDecoder(hidden_size=c.encoder.hidden_size, patch_size=d.patch_size,
-                       num_patches=grid * grid, decoder_hidden_size=d.decoder_hidden_size,
-                       decoder_num_hidden_layers=d.decoder_num_hidden_layers,
-                       decoder_num_attention_heads=d.decoder_num_attention_heads,
-                       decoder_intermediate_size=d.decoder_intermediate_size, dtype=dtype)
+  c = c.copy_and_resolve_references()
+  c.stage1.disc.random_init = True  # shapes only: no DINO / VGG / DINOv2 files are read
+  c.stage1.loss.lpips_weights = 'not read (shapes only)'
   key = jax.random.PRNGKey(0)
-  tokens = (grid * grid, c.encoder.hidden_size)
-  params = jax.eval_shape(lambda k: decoder.init(k, jnp.zeros((1,) + tokens))['params'], key)
+  size = c.encoder.input_size
+
+  def build(policy, dt):
+    enc = build_encoder('dinov2_reg', patch_size=c.encoder.patch_size, image_size=518, dtype=dt)
+    grid = size // enc.patch_size
+    dec = decoder_from_hf_config(read_decoder_config(builders.decoder_config_dict(c)),
+                                 hidden_size=enc.hidden_size, patch_size=c.decoder.patch_size,
+                                 num_patches=grid * grid, dtype=dt)
+    dec = dec.clone(remat=policy is not None, remat_policy=policy or 'nothing_saveable',
+                    scan_layers=bool(c.decoder.get('scan_layers', False)))
+    return RAE(enc, dec, size)
+
+  rae = build(None, dtype)
+  parts = stage1.build_parts(c, IMAGENET_SIZE)
+  image = jnp.zeros((1, rae.image_size, rae.image_size, 3))
+  frozen_tree = {
+      'encoder': jax.eval_shape(lambda k: rae.encoder.init(k, jnp.zeros((1, size, size, 3))),
+                                key)['params'],
+      'lpips': jax.eval_shape(lambda k: LPIPS().init(k, image, image)['params'], key),
+      'dino': jax.eval_shape(lambda k: parts.disc.init(k, image)['params']['dino'], key)}
+  params = jax.eval_shape(rae.init_decoder, key)
   tx = optim.make_optimizer(1e-4, clip_grad=0.0)
   state = jax.eval_shape(lambda p: state_lib.create_train_state(p, tx, key), params)
-  size = c.data.image_size
-  img = jnp.zeros((1, size, size, 3))
+  frozen = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(frozen_tree))
   lpips = LPIPS()
-  lp = jax.eval_shape(lambda k: lpips.init(k, img, img)['params'], key)
+  tokens = (rae.latent_grid ** 2, rae.encoder.hidden_size)
+  img = rae.image_size
+
   disc = stage1.build_discriminator(c.stage1.disc, dtype, c.model.attention_impl)
-  dv = jax.eval_shape(lambda k: disc.init(k, img), key)
-  # Frozen: DINOv2-B encoder (86.6M float32 params), VGG16 LPIPS, DINO-S/8 (+ heads).
-  frozen = 86_600_000 * 4 + sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((lp, dv)))
+  dv = jax.eval_shape(lambda k: disc.init(k, image), key)
 
   def acts(policy, b):
-    dm = decoder.clone(remat=policy is not None, remat_policy=policy or 'nothing_saveable')
+    dm = build(policy, dtype).decoder
     z = jax.ShapeDtypeStruct((b,) + tokens, jnp.float32)
-    x = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((b, img, img, 3), jnp.float32)
 
     def gen_loss(p, z, x, lp, dv):
       xh = dm.apply({'params': p}, z).astype(jnp.float32)
       return (jnp.mean(jnp.abs(xh - x)) + lpips.apply({'params': lp}, xh * 2 - 1, x * 2 - 1) +
               jnp.mean(disc.apply(dv, xh * 2 - 1)))
-    return memory.residual_bytes(gen_loss, params, z, x, lp, dv, exclude=(lp, dv))
-  return state, acts, frozen
+    return memory.residual_bytes(gen_loss, params, z, x, frozen_tree['lpips'], dv,
+                                 exclude=(frozen_tree['lpips'], dv))
+
+  def compiled(policy, mesh):
+    r = build(policy, jnp.float32)
+    p32 = stage1.build_parts(c, IMAGENET_SIZE)  # float32 discriminator (compute_dtype auto)
+
+    def init(k):
+      extra = stage1.disc_extra_init(p32.disc, p32.disc_sched.tx)(k)
+      return state_lib.create_train_state(r.init_decoder(k), p32.sched.tx, k, extra)
+    abstract = jax.eval_shape(init, key)
+    shardings = state_lib.state_shardings(abstract, mesh)
+    rep = mesh_lib.replicated(mesh)
+    frozen_sh = jax.tree.map(lambda _: rep, frozen_tree)
+    step = stage1.make_step(c, r, p32, shardings, mesh, frozen_sh)
+    gb = c.stage1.global_batch_size
+    batch = {'image': jax.ShapeDtypeStruct((gb, img, img, 3), jnp.uint8,
+                                           sharding=mesh_lib.batch_sharding(mesh))}
+    s = p32.settings
+    return _compiled_bytes(step._build((s.lpips_on, s.gan_on, s.gan_on)).lower(  # pylint: disable=protected-access
+        state_lib.abstract_state(abstract, shardings), batch,
+        _with_shardings(frozen_tree, frozen_sh), None))
+  return state, acts, frozen, compiled
 
 
 def bench_memory_plan(args):
   """Per-chip memory of the pod recipes per remat policy, and the least-recompute one that fits.
 
-  The tables in the recipe docstrings come from here. Per-chip GiB are ESTIMATES
-  (train/memory.py, shape-only: float32 params + EMA + Adam sharded on the default mesh,
-  gradients, saved residuals of one per-chip batch at bf16 compute as on TPU). "ok": estimate +
-  margin (1.7 GiB) <= 90% of the chip. The margin comes from COMPILED memory_analysis() of
-  DiTDH-XL 256px, 64 forced host devices x 16 images, float32: 2.88 / 3.37 / 8.70 GiB compiled vs
-  1.19 / 1.75 / 7.31 GiB estimated (nothing_saveable / save_attention_out /
-  dots_with_no_batch_dims_saveable; transients the estimator does not see). Remat never changes
-  results; where "remat off" fits, --config.<section>.remat=False is faster.
+  The tables in the recipe docstrings come from here. For every cell (recipe, chips, policy):
+    estimate   train/memory.py, shape-only: float32 params + EMA + Adam sharded on the default
+               mesh, gradients, saved residuals of one per-chip batch, frozen weights; at bf16
+               compute (as on TPU) and at float32.
+    compiled   memory_analysis() of the step main.py runs, compiled for the recipe's mesh on
+               forced host devices. The CPU compiler computes bf16 in float32, so this is the
+               float32 program.
+    planned    bf16 estimate + what the compiler adds beyond the float32 estimate in this very
+               cell (gathered weights, one rematerialised layer, collective buffers: compiled -
+               float32 estimate, never less than 0). Transients of the bf16 program are at most
+               those of the float32 one, so this errs on the safe side.
+  "ok": planned <= 90% of the chip. Without --plan_compile cells the planned value uses
+  --plan_margin_gib instead. Remat never changes results; where "remat off" fits,
+  --config.<section>.remat=False is faster.
   """
   from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
   gib = 2 ** 30
-  dtype = jnp.bfloat16  # compute_dtype='auto' on TPU
   chips = [int(v) for v in args.plan_chips.split(',')]
+  names = [None if p == 'off' else p for p in args.plan_compile.split(',') if p]
+  to_compile = memory.RECOMPUTE_ORDER if args.plan_compile == 'all' else tuple(names)
   choices = []
-  print('  estimates (shape-only, train/memory.py): state = params + EMA + Adam (float32, '
-        'sharded on the default mesh) + gradients + saved activations of one per-chip batch'
-        + ' (+ replicated frozen weights for stage 1); fits = estimate + margin '
-        f'{args.plan_margin_gib} GiB (transients the estimator does not see: gathered weights, '
-        'one rematerialised layer, collective buffers) <= 90% of the chip', flush=True)
   for name in PLAN_RECIPES:
     c = _recipe(name)
     s1 = name.startswith('stage1')
     gb = (c.stage1 if s1 else c.stage2).global_batch_size
-    state, acts, frozen = (_stage1_plan_parts if s1 else _stage2_plan_parts)(c, dtype)
+    plan_parts = _stage1_plan_parts if s1 else _stage2_plan_parts
+    state, acts, frozen, compiled = plan_parts(c, jnp.bfloat16)  # compute_dtype='auto' on TPU
+    _, acts32, _, _ = plan_parts(c, jnp.float32)
     for n in chips:
       mesh = mesh_lib.make_mesh(-1, -1, devices=jax.devices()[:n], max_fsdp=c.mesh.max_fsdp)
       shardings = state_lib.state_shardings(state, mesh)
       per = gb // n
       where = f'{name}, {n} chips, mesh {tuple(mesh.devices.shape)}, {per} img/chip'
-      totals = {}
+      planned = {}
       for policy in memory.RECOMPUTE_ORDER:
         est = memory.estimate(state, shardings, acts(policy, per), 1)
-        totals[policy] = est['total'] + frozen + int(args.plan_margin_gib * gib)
-        fits = ' '.join(f'{chip}:{"ok" if totals[policy] <= 0.9 * g * gib else "NO"}'
+        est_bf16 = est['total'] + frozen
+        detail = (f'estimate bf16 {est_bf16 / gib:.2f} (state+grads '
+                  f'{(est["state"] + est["grads"]) / gib:.2f}, act {est["activations"] / gib:.2f}'
+                  + (f', frozen {frozen / gib:.2f}' if frozen else '') + ')')
+        if policy in to_compile:
+          t0 = time.perf_counter()
+          comp = compiled(policy, mesh)
+          est32 = memory.estimate(state, shardings, acts32(policy, per), 1)['total'] + frozen
+          extra = max(0, comp - est32)
+          detail += (f', compiled f32 {comp / gib:.2f} (f32 estimate {est32 / gib:.2f}, '
+                     f'compile {time.perf_counter() - t0:.0f} s)')
+        else:
+          extra = int(args.plan_margin_gib * gib)
+          detail += f', + margin {args.plan_margin_gib}'
+        planned[policy] = est_bf16 + extra
+        fits = ' '.join(f'{chip}:{"ok" if planned[policy] <= 0.9 * g * gib else "NO"}'
                         for chip, g in memory.CHIP_GIB.items())
         row(where, f'remat={policy or "off"}',
-            f'{(totals[policy] - args.plan_margin_gib * gib) / gib:.2f} GiB (state+grads '
-            f'{(est["state"] + est["grads"]) / gib:.2f}'
-            f', act {est["activations"] / gib:.2f}'
-            + (f', frozen {frozen / gib:.2f}' if frozen else '') + f') {fits}')
+            f'planned {planned[policy] / gib:.2f} GiB [{detail}] {fits}')
+        print(f'  {where} remat={policy or "off"}: {ROWS[-1][2]}', flush=True)
       for chip, g in memory.CHIP_GIB.items():
-        choices.append((name, n, chip, memory.least_recompute(totals, g * gib)))
+        choices.append((name, n, chip, memory.least_recompute(planned, g * gib)))
   for name, n, chip, policy in choices:
     row(f'{name}, {n} chips', f'least recompute on {chip} ({memory.CHIP_GIB[chip]} GiB)', policy)
-  # Calibration: the estimator against compiled memory_analysis() on forced host devices.
-  state, acts, _ = _stage2_plan_parts(_recipe('stage2_ditdh_xl_256'), jnp.float32)
-  mesh = mesh_lib.make_mesh(-1, -1, devices=jax.devices()[:64])
-  shardings = state_lib.state_shardings(state, mesh)
-  for policy in ('nothing_saveable', 'save_attention_out', 'dots_with_no_batch_dims_saveable'):
-    est = memory.estimate(state, shardings, acts(policy, 16), 1)
-    row('calibration: DiTDH-XL 256px, 64 dev x 16 img, float32', f'estimate remat={policy}',
-        f'{est["total"] / gib:.2f} GiB')
-  for policy in [p for p in args.plan_compile.split(',') if p]:
-    m = ditdh(XL, jnp.float32, remat=True, remat_policy=policy)
-    step, st, _ = setup(m, mesh, 16 * 64, abstract=True)
-    t0 = time.perf_counter()
-    mem = step.lower(st, latent_batch(mesh, 16 * 64, abstract=True)).compile().memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
-             mem.temp_size_in_bytes)
-    row('calibration: DiTDH-XL 256px, 64 dev x 16 img, float32', f'compiled remat={policy}',
-        f'{total / gib:.2f} GiB (memory_analysis; compile {time.perf_counter() - t0:.0f} s)')
 
 
 def bench_encoder(args):

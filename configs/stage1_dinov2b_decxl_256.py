@@ -49,5 +49,6 @@ def get_config():
   c.compute_dtype = "auto"  # bf16 on GPU/TPU (tests/test_precision.py), float32 on CPU
   c.stage1.disc.enabled = True
   c.decoder.remat = True  # memory plan above
+  c.decoder.scan_layers = True  # remat bounds compiled memory only in a scan (memory plan)
   c.decoder.remat_policy = "dots_saveable"
   return c

@@ -48,5 +48,6 @@ def get_config():
   c.compute_dtype = "auto"  # bf16 on GPU/TPU (tests/test_precision.py), float32 on CPU
   c.model = presets.ditdh_xl()
   c.model.remat = True  # memory plan above
+  c.model.scan_layers = True  # remat bounds compiled memory only in a scan (memory plan)
   c.model.remat_policy = "dots_saveable"
   return c

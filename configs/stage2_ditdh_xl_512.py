@@ -47,5 +47,6 @@ def get_config():
   c.transport.shift_dim = presets.shift_dim(32, 768)
   c.guidance.guide_model = presets.ditdh_s(input_size=32)
   c.model.remat = True  # memory plan above
+  c.model.scan_layers = True  # remat bounds compiled memory only in a scan (memory plan)
   c.model.remat_policy = "save_attention_out"
   return c

@@ -95,7 +95,8 @@ def vit_decoder(name: str = "XL", *, patch_size: int = 16) -> mlc.ConfigDict:
                  decoder_num_attention_heads=16, decoder_intermediate_size=4096),
   }[name]
   return mlc.ConfigDict(dict(patch_size=patch_size, layer_norm_eps=1e-12, remat=False,
-                             remat_policy="nothing_saveable", pretrained="", **sizes))
+                             remat_policy="nothing_saveable", scan_layers=False, pretrained="",
+                             **sizes))
 
 
 def optim(*, lr, final_lr, schedule, warmup_epochs, decay_end_epoch, epochs, warmup_from_zero,

@@ -260,3 +260,32 @@ def test_bad_input_shape():
   params = random_params(model)
   with pytest.raises(ValueError, match=r"expects latents \(B, 4, 4, 8\)"):
     run(model, params, jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+
+
+@pytest.mark.parametrize("family", ["ditdh", "lightning"])
+def test_checkpoints_load_across_scan_layers(family):
+  """Params written with scan_layers=False load into a scanned model and back (layers.to_layout,
+  used by the loaders), with the same outputs: recipes scan, sample configs need not."""
+  from rae_jax.models.layers import to_layout
+  from rae_jax.models.lightning_dit import LightningDiT
+  if family == "ditdh":
+    model = DiTDH(input_size=4, in_channels=8, hidden_size=(32, 48), depth=(2, 2),
+                  num_heads=(2, 2), num_classes=4)
+  else:
+    model = LightningDiT(input_size=4, in_channels=8, hidden_size=32, depth=3, num_heads=2,
+                         num_classes=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  t, y = jnp.array([0.3, 0.7]), jnp.array([1, 2])
+  params = model.init(jax.random.PRNGKey(1), x, t, y)["params"]
+  leaves, tree = jax.tree.flatten(params)  # zero-init output layers would hide a wrong layout
+  params = jax.tree.unflatten(tree, [v + 0.05 * jax.random.normal(jax.random.PRNGKey(i), v.shape)
+                                     for i, v in enumerate(leaves)])
+  scanned = model.clone(scan_layers=True)
+  sp = to_layout(params, scanned.layer_layout, True)
+  want = jax.eval_shape(scanned.init, jax.random.PRNGKey(1), x, t, y)["params"]
+  assert jax.tree.structure(sp) == jax.tree.structure(want)
+  np.testing.assert_allclose(scanned.apply({"params": sp}, x, t, y),
+                             model.apply({"params": params}, x, t, y), rtol=1e-5, atol=1e-6)
+  back = to_layout(sp, model.layer_layout, False)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back, params))
+  assert to_layout(sp, scanned.layer_layout, True) is sp  # already in the asked layout

@@ -251,7 +251,8 @@ def _sharded_setup(c, lpips_dir):
   return rae, parts, frozen, abstract, shardings, mesh
 
 
-def test_sharded_step_never_gathers_the_global_batch(lpips_dir):
+@pytest.mark.parametrize("scan", [False, True])  # scanned decoder: the pod recipe's layout
+def test_sharded_step_never_gathers_the_global_batch(lpips_dir, scan):
   """The stage-1 step (decoder, L1 + LPIPS + GAN term, D update) keeps every activation of the
   global batch split over the devices: unpinned, the discriminator heads' weight-gradient convs
   all-gathered (B, tokens, C) activations in every head (checked in the compiled HLO)."""
@@ -264,6 +265,7 @@ def test_sharded_step_never_gathers_the_global_batch(lpips_dir):
   c = tiny_config(lpips_dir, N_STEPS)
   c.stage1.global_batch_size = batch
   c.data.synthetic_size = 4 * batch
+  c.decoder.scan_layers = c.decoder.remat = scan
 
   def gathered():
     rae, parts, frozen, abstract, shardings, mesh = _sharded_setup(c, lpips_dir)

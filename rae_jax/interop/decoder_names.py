@@ -18,6 +18,7 @@ from rae_jax.atomic import set_default_mode
 from rae_jax.interop.common import StateDictError, flatten, unflatten
 from rae_jax.interop.hf_encoders import read_tensors
 from rae_jax.models.decoder import ViTDecoder
+from rae_jax.models.layers import to_layout
 
 POS_KEY = "decoder_pos_embed"
 
@@ -34,7 +35,9 @@ def decoder_table(module: ViTDecoder) -> list[vn.Entry]:
 
 
 def param_shapes(module: ViTDecoder) -> dict[str, tuple]:
-  """Flat param shapes via jax.eval_shape: nothing is allocated, so XL is cheap."""
+  """Flat param shapes (per-layer layout, whatever module.scan_layers) via jax.eval_shape:
+  nothing is allocated, so XL is cheap."""
+  module = module.clone(scan_layers=False)
   z = jax.ShapeDtypeStruct((1, module.num_patches, module.hidden_size), jnp.float32)
   tree = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), z)["params"]
   return {k: tuple(v.shape) for k, v in flatten(tree).items()}
@@ -49,8 +52,9 @@ def state_dict_shapes(module: ViTDecoder) -> dict[str, tuple]:
 
 
 def to_state_dict(module: ViTDecoder, params) -> dict[str, np.ndarray]:
-  """Our params -> official state_dict (numpy, torch layout)."""
-  return vn.export_tensors(decoder_table(module), flatten(jax.device_get(params)))
+  """Our params (either layout) -> official state_dict (numpy, torch layout)."""
+  params = to_layout(jax.device_get(params), module.layer_layout, scanned=False)
+  return vn.export_tensors(decoder_table(module), flatten(params))
 
 
 def from_state_dict(module: ViTDecoder, state_dict: Mapping, source: str = "decoder state_dict"):
@@ -63,7 +67,8 @@ def from_state_dict(module: ViTDecoder, state_dict: Mapping, source: str = "deco
     raise StateDictError(f"{source}: unexpected keys ({len(unexpected)}): {unexpected[:20]}")
   if POS_KEY not in state_dict:
     state_dict = {**state_dict, POS_KEY: module.pos_embed()}
-  return unflatten(vn.import_tensors(table, state_dict, shapes, source))
+  params = unflatten(vn.import_tensors(table, state_dict, shapes, source))
+  return to_layout(params, module.layer_layout, module.scan_layers)
 
 
 def load_decoder_params(module: ViTDecoder, path) -> dict:

@@ -106,7 +106,8 @@ def decoder_module(config: mlc.ConfigDict) -> ViTDecoder:
   grid = config.encoder.input_size // config.encoder.patch_size
   return decoder_from_hf_config(builders.decoder_config_dict(config),
                                 hidden_size=config.encoder.hidden_size,
-                                patch_size=config.decoder.patch_size, num_patches=grid * grid)
+                                patch_size=config.decoder.patch_size, num_patches=grid * grid,
+                                scan_layers=bool(config.decoder.get("scan_layers", False)))
 
 
 def decoder_torch_config(config: mlc.ConfigDict) -> dict:

@@ -15,11 +15,12 @@ import math
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rae_jax.models import resize as rs
-from rae_jax.models.layers import maybe_remat
+from rae_jax.models.layers import maybe_remat, scan_groups
 from rae_jax.models.vit_blocks import ViTBlock, layer_norm
 
 
@@ -80,6 +81,11 @@ class ViTDecoder(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"  # layers.REMAT_POLICIES (used when remat)
   attention_impl: str = "auto"  # see rae_jax.models.attention
+  # One scanned stack `decoder_layers` (params with a leading layer axis; layers.to_layout
+  # converts) instead of decoder_layers_{i}. Why: remat only bounds memory in a
+  # scan; unrolled, the compiler may schedule every layer's recomputation early (the compiled
+  # stage-1 step kept all activations under every policy, bench/train_step.py memory_plan).
+  scan_layers: bool = False
 
   @property
   def grid_size(self) -> int:
@@ -96,6 +102,10 @@ class ViTDecoder(nn.Module):
     """The (1, num_patches + 1, D) sin-cos table `decoder_pos_embed` is initialised to."""
     return sincos_pos_embed_2d(self.decoder_hidden_size, self.grid_size)[None]
 
+  @property
+  def layer_layout(self) -> dict:
+    return scan_groups("decoder_layers_", {"decoder_layers": (0, self.decoder_num_hidden_layers)})
+
   def setup(self):
     self.decoder_embed = nn.Dense(self.decoder_hidden_size, dtype=self.dtype)
     table = self.pos_embed()
@@ -103,12 +113,17 @@ class ViTDecoder(nn.Module):
         "decoder_pos_embed", lambda _, shape: jnp.asarray(table).reshape(shape), table.shape)
     self.trainable_cls_token = self.param(
         "trainable_cls_token", nn.initializers.zeros, (1, 1, self.decoder_hidden_size))
-    block = maybe_remat(ViTBlock, self.remat, self.remat_policy)
-    self.decoder_layers = [
-        block(num_heads=self.decoder_num_attention_heads, mlp_dim=self.decoder_intermediate_size,
-              layer_norm_eps=self.layer_norm_eps, act=self.hidden_act, qkv_bias=self.qkv_bias,
-              dtype=self.dtype, attention_impl=self.attention_impl)
-        for _ in range(self.decoder_num_hidden_layers)]
+    block = maybe_remat(ViTBlock, self.remat, self.remat_policy, scan=self.scan_layers)
+    kwargs = dict(num_heads=self.decoder_num_attention_heads,
+                  mlp_dim=self.decoder_intermediate_size, layer_norm_eps=self.layer_norm_eps,
+                  act=self.hidden_act, qkv_bias=self.qkv_bias, dtype=self.dtype,
+                  attention_impl=self.attention_impl)
+    if self.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=self.decoder_num_hidden_layers)
+      self.decoder_layers = stack(**kwargs, scanned=True)
+    else:
+      self.decoder_layers = [block(**kwargs) for _ in range(self.decoder_num_hidden_layers)]
     self.decoder_norm = layer_norm(self.layer_norm_eps, None, dtype=self.dtype)
     self.decoder_pred = nn.Dense(self.patch_size**2 * self.num_channels, dtype=self.dtype)
 
@@ -145,8 +160,11 @@ class ViTDecoder(nn.Module):
         raise ValueError("interpolate_pos_encoding only works with drop_cls_token=True")
       pos = self._interpolate_pos(pos, x.shape[1] - 1)
     x = x + pos.astype(x.dtype)
-    for layer in self.decoder_layers:
-      x = layer(x)
+    if self.scan_layers:
+      x, _ = self.decoder_layers(x, None)
+    else:
+      for layer in self.decoder_layers:
+        x = layer(x)
     x = self.decoder_pred(self.decoder_norm(x))
     return x[:, 1:]
 

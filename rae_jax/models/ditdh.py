@@ -95,6 +95,11 @@ class DiTDH(nn.Module):
                 rope_grid=grid if self.use_rope else 0, xavier=False, dtype=self.dtype,
                 attention_impl=self.attention_impl)
 
+  @property
+  def layer_layout(self) -> dict:
+    enc_d, dec_d = self.depths
+    return layers.scan_groups("blocks_", {"enc_blocks": (0, enc_d), "head_blocks": (enc_d, dec_d)})
+
   @nn.compact
   def __call__(self, x, t, y, *, train: bool = False, force_drop_ids=None):
     b, h, w, c = x.shape

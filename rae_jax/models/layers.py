@@ -442,6 +442,32 @@ def maybe_remat(cls, remat: bool, policy: str, *, scan: bool = False):
   return nn.remat(cls, prevent_cse=not scan, policy=remat_policy(policy))
 
 
+def scan_groups(prefix: str, groups: dict[str, tuple[int, int]]) -> dict:
+  """A model's layer layout: per-layer subtrees `{prefix}{i}`, and the scanned stacks that hold
+  them when scan_layers=True, {stack name: (first layer index, number of layers)}."""
+  return {"prefix": prefix, "groups": dict(groups)}
+
+
+def to_layout(params: dict, layout: dict, scanned: bool) -> dict:
+  """Params of either layer layout -> the scanned or per-layer one (checkpoints written with
+  the other scan_layers setting load unchanged; arrays may be sharded, the ops are jnp)."""
+  prefix, groups = layout["prefix"], layout["groups"]
+  is_scanned = any(name in params for name in groups)
+  if is_scanned == scanned:
+    return params
+  if scanned:
+    rest = {k: v for k, v in params.items() if not k.startswith(prefix)}
+    for name, (first, n) in groups.items():
+      rest[name] = jax.tree.map(lambda *x: jnp.stack(x),
+                                *[params[f"{prefix}{first + i}"] for i in range(n)])
+    return rest
+  rest = {k: v for k, v in params.items() if k not in groups}
+  for name, (first, n) in groups.items():
+    for i in range(n):
+      rest[f"{prefix}{first + i}"] = jax.tree.map(lambda x, i=i: x[i], params[name])
+  return rest
+
+
 def block_stack(x, c, *, depth: int, first_index: int, scan: bool, remat: bool,
                 scan_name: str, remat_policy: str = "nothing_saveable", **block_kwargs):
   """Apply `depth` DiTBlocks; must be called inside a parent's compact method.

@@ -49,6 +49,10 @@ class LightningDiT(nn.Module):
       raise ValueError(f"input_size {self.input_size} not divisible by patch {self.patch_size}")
     return self.input_size // self.patch_size
 
+  @property
+  def layer_layout(self) -> dict:
+    return layers.scan_groups("blocks_", {"blocks": (0, self.depth)})
+
   @nn.compact
   def __call__(self, x, t, y, *, train: bool = False, force_drop_ids=None):
     b, h, w, c = x.shape

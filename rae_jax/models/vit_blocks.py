@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from rae_jax.models.attention import dot_product_attention
+from rae_jax.models.partitioning import constrain_batch
 
 Dtype = Any
 
@@ -81,10 +82,13 @@ class ViTBlock(nn.Module):
   layerscale_init: Optional[float] = None
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
+  scanned: bool = False  # inside nn.scan: returns (x, None) and pins the carry to batch shards
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, _=None):
     c = x.shape[-1]
+    if self.scanned:
+      x = constrain_batch(x)
 
     def scale(name, y):
       if self.layerscale_init is None:
@@ -98,4 +102,5 @@ class ViTBlock(nn.Module):
     x = x + scale("ls1", y)
     y = layer_norm(self.layer_norm_eps, "norm2", dtype=self.dtype)(x)
     y = Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
-    return x + scale("ls2", y)
+    x = x + scale("ls2", y)
+    return (constrain_batch(x), None) if self.scanned else x

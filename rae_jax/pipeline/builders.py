@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from rae_jax.interop.rae_loader import load_rae
+from rae_jax.models.layers import to_layout
 from rae_jax.models.ditdh import DiTDH
 from rae_jax.models.lightning_dit import LightningDiT
 from rae_jax.models.rae import RAE
@@ -96,12 +97,16 @@ def build_rae(config: mlc.ConfigDict, workdir: str, *, with_stats: bool = True,
     raise ValueError(f"config.encoder.patch_size={enc.patch_size} but the loaded encoder "
                      f"{enc.path!r} has patch size {rae.encoder.patch_size}")
   impl = attention_impl(config)
-  if config.decoder.remat or impl != "auto":
+  scan = bool(config.decoder.get("scan_layers", False))
+  if config.decoder.remat or impl != "auto" or scan:
     rae = RAE(rae.encoder.clone(attention_impl=impl),
               rae.decoder.clone(remat=bool(config.decoder.remat), attention_impl=impl,
                                 remat_policy=config.decoder.get("remat_policy",
-                                                                "nothing_saveable")),
+                                                                "nothing_saveable"),
+                                scan_layers=scan),
               rae.encoder_input_size, rae.image_mean, rae.image_std, rae.noise_tau, rae.eps)
+  if "decoder" in variables:  # loaded / initialised in the official per-layer layout
+    variables["decoder"] = to_layout(variables["decoder"], rae.decoder.layer_layout, scan)
   return rae, variables
 
 

@@ -13,6 +13,7 @@ from absl import logging
 
 from rae_jax.eval import scoring
 from rae_jax.interop import inception_weights
+from rae_jax.models.layers import to_layout
 from rae_jax.pipeline import builders, common, weights
 
 
@@ -21,7 +22,8 @@ def load_inference_rae(config: mlc.ConfigDict, workdir: str, mesh) -> tuple[Any,
   rae, variables = builders.build_rae(config, workdir)
   try:
     dec, desc = weights.load_params(workdir, builders.STAGE1_DIR, mesh, "ema")
-    variables["decoder"] = dec
+    # Written with either decoder.scan_layers: brought to this config's layout.
+    variables["decoder"] = to_layout(dec, rae.decoder.layer_layout, rae.decoder.scan_layers)
     logging.info("decoder weights: %s", desc)
   except FileNotFoundError:
     if not config.decoder.pretrained:
@@ -42,13 +44,14 @@ def load_models(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema"):
   rae, rae_vars = load_inference_rae(config, workdir, mesh)
   model = builders.build_stage2_model(config.model, dtype)
   params, desc = weights.load_params(workdir, builders.STAGE2_DIR, mesh, which)
+  params = to_layout(params, model.layer_layout, model.scan_layers)  # either scan_layers
   logging.info("stage-2 weights: %s", desc)
   g = config.guidance
   guide_model = guide_params = None
   if g.method == "autoguidance" and float(g.scale) != 1.0:
     guide_model = builders.build_stage2_model(g.guide_model, dtype)
     params_g, desc = weights.load_params(workdir, builders.GUIDE_DIR, mesh, which)
-    guide_params = params_g
+    guide_params = to_layout(params_g, guide_model.layer_layout, guide_model.scan_layers)
     logging.info("autoguidance guide weights: %s (scale %.3f)", desc, g.scale)
   return model, params, guide_model, guide_params, rae, rae_vars
 

@@ -12,7 +12,7 @@ from absl import logging
 
 from rae_jax import data as data_lib
 from rae_jax.eval import generation
-from rae_jax.models.layers import draw_label_drop
+from rae_jax.models.layers import draw_label_drop, to_layout
 from rae_jax.pipeline import builders, common, generate, images, loaders, weights
 from rae_jax.pipeline.latents import LATENT_CACHE
 from rae_jax.train import loop as loop_lib
@@ -101,6 +101,7 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   imported = None
   if weights.has_weights(workdir, builders.STAGE2_DIR):
     imported, desc = weights.load_params(workdir, builders.STAGE2_DIR, mesh, "ema")
+    imported = to_layout(imported, model.layer_layout, model.scan_layers)  # either scan_layers
     logging.info("stage 2 starts from %s", desc)
 
   def init_params(key):
