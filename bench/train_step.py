@@ -652,7 +652,6 @@ def bench_memory_plan(args):
                         for chip, g in memory.CHIP_GIB.items())
         row(where, f'remat={policy or "off"}',
             f'planned {planned[policy] / gib:.2f} GiB [{detail}] {fits}')
-        print(f'  {where} remat={policy or "off"}: {ROWS[-1][2]}', flush=True)
       for chip, g in memory.CHIP_GIB.items():
         choices.append((name, n, chip, memory.least_recompute(planned, g * gib)))
   for name, n, chip, policy in choices:

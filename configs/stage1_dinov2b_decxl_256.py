@@ -11,35 +11,41 @@ decoder fine-tuned longer). Needs LPIPS/VGG and DINO weights (see README) and Im
 On a v5e-64 pod this is roughly a day; on 8 GPUs about 3 days.
 
 Memory plan (issue 15 item 4), remat policy per target chip. Default: decoder.remat=True with
-remat_policy="dots_saveable": the least-recompute policy that fits the smallest
-target chip (v5e, 16 GiB) at 64 chips. Where "remat off" fits (v4/v5p, or 256 v5e chips; table),
---config.decoder.remat=False recomputes nothing and is faster. Remat never changes results.
+remat_policy="dots_saveable" for the smallest target chip (v5e, 16 GiB) at 64 chips: "remat off"
+passes the rule there (planned 13.8 GiB) but its float32 compile needs 15.0 GiB, above 90% of the
+chip, while dots_saveable is 9.8 / 10.0 GiB. On v4/v5p, or 256 chips, --config.decoder.remat=False
+recomputes nothing and is faster. Remat never changes results. Stage 1 is the whole step (decoder
+through L1 + LPIPS + DINO GAN, and the D update); the estimate counts the generator half and the
+frozen DINOv2-B + VGG16 + DINO-S/8, replicated.
 Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate widths like
-1152). scan_layers does not change memory, only compile time (--rows=xl_compile).
+1152). decoder.scan_layers=True: in the compiled programs remat bounds memory only inside a scan
+(unrolled, the compiler kept every activation under every policy); checkpoints load into either
+layout.
 
-  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~1 min on 2 CPUs
+  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~10 min on 2 CPUs
 
-Per-chip GiB are estimates calibrated on three compiled cells (how: bench/train_step.py
-bench_memory_plan). Step time: not yet measured on a pod. Stage 1 counts the generator half of
-the step (the decoder through L1 + LPIPS + DINO GAN; the D update runs after its residuals are
-freed): "state" = state + gradients,
-"frozen" = DINOv2-B + VGG16 + DINO-S/8, replicated.
+"planned" = bf16 estimate (train/memory.py, as compute_dtype=auto runs on TPU) + what the
+compiler adds beyond the float32 estimate in that cell; "f32 compiled" = memory_analysis() of the
+step main.py runs, compiled on forced host devices (the CPU compiler computes bf16 in float32, so
+it is the float32 program: an upper bound for bf16 activations). Step time: not yet measured on a
+pod.
+  policy                            planned  bf16 est  f32 compiled  fits (planned <= 90%)
   64 chips, mesh (1, 64), 8 img/chip (GiB):
-    off                               13.84 (state 0.12, act 13.23, frozen 0.49) v5e:NO v4:ok v5p:ok
-    dots_saveable                     9.82 (state 0.12, act 9.22, frozen 0.49) v5e:ok v4:ok v5p:ok
-    dots_with_no_batch_dims_saveable  8.82 (state 0.12, act 8.21, frozen 0.49) v5e:ok v4:ok v5p:ok
-    save_attention_out                8.01 (state 0.12, act 7.40, frozen 0.49) v5e:ok v4:ok v5p:ok
-    nothing_saveable                  7.88 (state 0.12, act 7.28, frozen 0.49) v5e:ok v4:ok v5p:ok
+    off                                13.81     13.81         15.00  v5e:ok v4:ok v5p:ok
+    dots_saveable                       9.80      9.80          9.99  v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable    8.79      8.79          8.86  v5e:ok v4:ok v5p:ok
+    save_attention_out                  7.98      7.98          7.24  v5e:ok v4:ok v5p:ok
+    nothing_saveable                    7.86      7.86          6.99  v5e:ok v4:ok v5p:ok
   256 chips, mesh (4, 64), 2 img/chip (GiB):
-    off                               4.52 (state 0.12, act 3.92, frozen 0.49) v5e:ok v4:ok v5p:ok
-    dots_saveable                     2.94 (state 0.12, act 2.34, frozen 0.49) v5e:ok v4:ok v5p:ok
-    dots_with_no_batch_dims_saveable  2.69 (state 0.12, act 2.09, frozen 0.49) v5e:ok v4:ok v5p:ok
-    save_attention_out                2.49 (state 0.12, act 1.88, frozen 0.49) v5e:ok v4:ok v5p:ok
-    nothing_saveable                  2.46 (state 0.12, act 1.85, frozen 0.49) v5e:ok v4:ok v5p:ok
+    off                                 4.50      4.50          3.95  v5e:ok v4:ok v5p:ok
+    dots_saveable                       2.92      2.92          2.69  v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable    2.66      2.66          2.41  v5e:ok v4:ok v5p:ok
+    save_attention_out                  2.46      2.46          2.01  v5e:ok v4:ok v5p:ok
+    nothing_saveable                    2.43      2.43          1.94  v5e:ok v4:ok v5p:ok
   least recompute that fits, 64 chips | 256 chips:
-    v5e (16 GiB)   dots_saveable | remat off
-    v4 (32 GiB)    remat off | remat off
-    v5p (95 GiB)   remat off | remat off
+    v5e (16 GiB) remat off | remat off
+    v4 (32 GiB)  remat off | remat off
+    v5p (95 GiB) remat off | remat off
 """
 from rae_jax import presets
 

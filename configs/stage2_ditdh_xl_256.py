@@ -13,32 +13,39 @@ Needs a trained decoder and stats (stage 1, or import_torch of the official rele
 Use --config.stage2.use_latent_cache=True after --mode=cache_latents to skip the encoder per step.
 
 Memory plan (issue 15 item 4), remat policy per target chip. Default: model.remat=True with
-remat_policy="dots_saveable": the least-recompute policy that fits the smallest
-target chip (v5e, 16 GiB) at 64 chips. Where "remat off" fits (v4/v5p, or 256 v5e chips; table),
---config.model.remat=False recomputes nothing and is faster. Remat never changes results.
+remat_policy="dots_saveable": the least-recompute policy that fits the smallest target chip (v5e,
+16 GiB) at 64 chips (planned 7.4 GiB, f32 compiled 11.1 GiB). Where "remat off" fits (v4/v5p, or
+256 v5e chips), --config.model.remat=False recomputes nothing and is faster. Remat never changes
+results.
 Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate widths like
-1152). scan_layers does not change memory, only compile time (--rows=xl_compile).
+1152). model.scan_layers=True: in the compiled programs remat bounds memory only inside a scan
+(unrolled, the compiler kept every activation under every policy); checkpoints load into either
+layout.
 
-  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~1 min on 2 CPUs
+  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~10 min on 2 CPUs
 
-Per-chip GiB are estimates calibrated on three compiled cells (how: bench/train_step.py
-bench_memory_plan). Step time: not yet measured on a pod.
-  64 chips, mesh (1, 64), 16 img/chip:
-    off                               15.67 GiB (state+grads 0.24, act 15.43) v5e:NO v4:ok v5p:ok
-    dots_saveable                     6.03 GiB (state+grads 0.24, act 5.78) v5e:ok v4:ok v5p:ok
-    dots_with_no_batch_dims_saveable  3.88 GiB (state+grads 0.24, act 3.63) v5e:ok v4:ok v5p:ok
-    save_attention_out                1.09 GiB (state+grads 0.24, act 0.85) v5e:ok v4:ok v5p:ok
-    nothing_saveable                  0.82 GiB (state+grads 0.24, act 0.57) v5e:ok v4:ok v5p:ok
-  256 chips, mesh (4, 64), 4 img/chip:
-    off                               5.27 GiB (state+grads 0.24, act 5.03) v5e:ok v4:ok v5p:ok
-    dots_saveable                     1.71 GiB (state+grads 0.24, act 1.46) v5e:ok v4:ok v5p:ok
-    dots_with_no_batch_dims_saveable  1.17 GiB (state+grads 0.24, act 0.93) v5e:ok v4:ok v5p:ok
-    save_attention_out                0.47 GiB (state+grads 0.24, act 0.23) v5e:ok v4:ok v5p:ok
-    nothing_saveable                  0.40 GiB (state+grads 0.24, act 0.16) v5e:ok v4:ok v5p:ok
+"planned" = bf16 estimate (train/memory.py, as compute_dtype=auto runs on TPU) + what the
+compiler adds beyond the float32 estimate in that cell; "f32 compiled" = memory_analysis() of the
+step main.py runs, compiled on forced host devices (the CPU compiler computes bf16 in float32, so
+it is the float32 program: an upper bound for bf16 activations). Step time: not yet measured on a
+pod.
+  policy                            planned  bf16 est  f32 compiled  fits (planned <= 90%)
+  64 chips, mesh (1, 64), 16 img/chip (GiB):
+    off                                16.87     15.61         23.77  v5e:NO v4:ok v5p:ok
+    dots_saveable                       7.39      6.03         11.10  v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable    5.25      3.88          8.69  v5e:ok v4:ok v5p:ok
+    save_attention_out                  2.68      1.09          3.33  v5e:ok v4:ok v5p:ok
+    nothing_saveable                    2.46      0.82          2.84  v5e:ok v4:ok v5p:ok
+  256 chips, mesh (4, 64), 4 img/chip (GiB):
+    off                                 5.85      5.25          6.41  v5e:ok v4:ok v5p:ok
+    dots_saveable                       2.36      1.71          3.27  v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable    1.78      1.17          2.63  v5e:ok v4:ok v5p:ok
+    save_attention_out                  1.10      0.47          1.25  v5e:ok v4:ok v5p:ok
+    nothing_saveable                    1.04      0.40          1.11  v5e:ok v4:ok v5p:ok
   least recompute that fits, 64 chips | 256 chips:
-    v5e (16 GiB)   dots_saveable | remat off
-    v4 (32 GiB)    remat off | remat off
-    v5p (95 GiB)   remat off | remat off
+    v5e (16 GiB) dots_saveable | remat off
+    v4 (32 GiB)  remat off | remat off
+    v5p (95 GiB) remat off | remat off
 """
 from rae_jax import presets
 

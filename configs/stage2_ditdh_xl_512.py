@@ -8,32 +8,38 @@ we follow the latter.) Paper: gFID 1.13 at 512 with autoguidance.
   python main.py --config=configs/stage2_ditdh_xl_512.py --workdir=$W --mode=train_stage2
 
 Memory plan (issue 15 item 4), remat policy per target chip. Default: model.remat=True with
-remat_policy="save_attention_out": the least-recompute policy that fits the smallest
-target chip (v5e, 16 GiB) at 64 chips. Where "remat off" fits (v4/v5p, or 256 v5e chips; table),
---config.model.remat=False recomputes nothing and is faster. Remat never changes results.
+remat_policy="save_attention_out": the least-recompute policy that fits the smallest target chip
+(v5e, 16 GiB) at 64 chips (planned 10.7 GiB, f32 compiled 13.4 GiB). Use the table's policy for
+larger chips or more of them; remat never changes results.
 Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate widths like
-1152). scan_layers does not change memory, only compile time (--rows=xl_compile).
+1152). model.scan_layers=True: in the compiled programs remat bounds memory only inside a scan
+(unrolled, the compiler kept every activation under every policy); checkpoints load into either
+layout.
 
-  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~1 min on 2 CPUs
+  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~10 min on 2 CPUs
 
-Per-chip GiB are estimates calibrated on three compiled cells (how: bench/train_step.py
-bench_memory_plan). Step time: not yet measured on a pod.
-  64 chips, mesh (1, 64), 16 img/chip:
-    off                               91.02 GiB (state+grads 0.24, act 90.77) v5e:NO v4:NO v5p:NO
-    dots_saveable                     45.79 GiB (state+grads 0.24, act 45.55) v5e:NO v4:NO v5p:ok
-    dots_with_no_batch_dims_saveable  14.68 GiB (state+grads 0.24, act 14.44) v5e:NO v4:ok v5p:ok
-    save_attention_out                3.57 GiB (state+grads 0.24, act 3.33) v5e:ok v4:ok v5p:ok
-    nothing_saveable                  2.46 GiB (state+grads 0.24, act 2.22) v5e:ok v4:ok v5p:ok
-  256 chips, mesh (4, 64), 4 img/chip:
-    off                               24.13 GiB (state+grads 0.24, act 23.88) v5e:NO v4:ok v5p:ok
-    dots_saveable                     11.65 GiB (state+grads 0.24, act 11.40) v5e:ok v4:ok v5p:ok
-    dots_with_no_batch_dims_saveable  3.87 GiB (state+grads 0.24, act 3.63) v5e:ok v4:ok v5p:ok
-    save_attention_out                1.09 GiB (state+grads 0.24, act 0.85) v5e:ok v4:ok v5p:ok
-    nothing_saveable                  0.82 GiB (state+grads 0.24, act 0.57) v5e:ok v4:ok v5p:ok
+"planned" = bf16 estimate (train/memory.py, as compute_dtype=auto runs on TPU) + what the
+compiler adds beyond the float32 estimate in that cell; "f32 compiled" = memory_analysis() of the
+step main.py runs, compiled on forced host devices (the CPU compiler computes bf16 in float32, so
+it is the float32 program: an upper bound for bf16 activations). Step time: not yet measured on a
+pod.
+  policy                            planned  bf16 est  f32 compiled  fits (planned <= 90%)
+  64 chips, mesh (1, 64), 16 img/chip (GiB):
+    off                                95.98     90.79        139.46  v5e:NO v4:NO v5p:NO
+    dots_saveable                      51.52     45.79         66.43  v5e:NO v4:NO v5p:ok
+    dots_with_no_batch_dims_saveable   21.08     14.68         34.88  v5e:NO v4:ok v5p:ok
+    save_attention_out                 10.72      3.57         13.41  v5e:ok v4:ok v5p:ok
+    nothing_saveable                    9.40      2.46         10.98  v5e:ok v4:ok v5p:ok
+  256 chips, mesh (4, 64), 4 img/chip (GiB):
+    off                                25.64     24.05         35.35  v5e:NO v4:ok v5p:ok
+    dots_saveable                      13.33     11.65         17.04  v5e:ok v4:ok v5p:ok
+    dots_with_no_batch_dims_saveable    5.72      3.87          9.15  v5e:ok v4:ok v5p:ok
+    save_attention_out                  3.16      1.09          3.82  v5e:ok v4:ok v5p:ok
+    nothing_saveable                    2.83      0.82          3.21  v5e:ok v4:ok v5p:ok
   least recompute that fits, 64 chips | 256 chips:
-    v5e (16 GiB)   save_attention_out | dots_saveable
-    v4 (32 GiB)    dots_with_no_batch_dims_saveable | remat off
-    v5p (95 GiB)   dots_saveable | remat off
+    v5e (16 GiB) save_attention_out | dots_saveable
+    v4 (32 GiB)  dots_with_no_batch_dims_saveable | remat off
+    v5p (95 GiB) dots_saveable | remat off
 """
 from rae_jax import presets
 
