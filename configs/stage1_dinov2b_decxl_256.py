@@ -17,18 +17,10 @@ chip, while dots_saveable is 9.8 / 10.0 GiB. On v4/v5p, or 256 chips, --config.d
 recomputes nothing and is faster. Remat never changes results. Stage 1 is the whole step (decoder
 through L1 + LPIPS + DINO GAN, and the D update); the estimate counts the generator half and the
 frozen DINOv2-B + VGG16 + DINO-S/8, replicated.
-Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate widths like
-1152). decoder.scan_layers=True: in the compiled programs remat bounds memory only inside a scan
-(unrolled, the compiler kept every activation under every policy); checkpoints load into either
-layout.
+Mesh: the default (fsdp 64, the rest on data). decoder.scan_layers=True: remat bounds compiled
+memory only inside a scan. Table: `python bench/train_step.py --rows=memory_plan` (how "planned"
+and "f32 compiled" are made: its bench_memory_plan docstring). Step time: not yet measured on a pod.
 
-  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~10 min on 2 CPUs
-
-"planned" = bf16 estimate (train/memory.py, as compute_dtype=auto runs on TPU) + what the
-compiler adds beyond the float32 estimate in that cell; "f32 compiled" = memory_analysis() of the
-step main.py runs, compiled on forced host devices (the CPU compiler computes bf16 in float32, so
-it is the float32 program: an upper bound for bf16 activations). Step time: not yet measured on a
-pod.
   policy                            planned  bf16 est  f32 compiled  fits (planned <= 90%)
   64 chips, mesh (1, 64), 8 img/chip (GiB):
     off                                13.81     13.81         15.00  v5e:ok v4:ok v5p:ok

@@ -11,18 +11,10 @@ Memory plan (issue 15 item 4), remat policy per target chip. Default: model.rema
 remat_policy="save_attention_out": the least-recompute policy that fits the smallest target chip
 (v5e, 16 GiB) at 64 chips (planned 10.7 GiB, f32 compiled 13.4 GiB). Use the table's policy for
 larger chips or more of them; remat never changes results.
-Mesh: the default (fsdp = 64, the rest on data; all 256 on fsdp would replicate widths like
-1152). model.scan_layers=True: in the compiled programs remat bounds memory only inside a scan
-(unrolled, the compiler kept every activation under every policy); checkpoints load into either
-layout.
+Mesh: the default (fsdp 64, the rest on data). model.scan_layers=True: remat bounds compiled
+memory only inside a scan. Table: `python bench/train_step.py --rows=memory_plan` (how "planned"
+and "f32 compiled" are made: its bench_memory_plan docstring). Step time: not yet measured on a pod.
 
-  python bench/train_step.py --rows=memory_plan   # 256 forced host devices, ~10 min on 2 CPUs
-
-"planned" = bf16 estimate (train/memory.py, as compute_dtype=auto runs on TPU) + what the
-compiler adds beyond the float32 estimate in that cell; "f32 compiled" = memory_analysis() of the
-step main.py runs, compiled on forced host devices (the CPU compiler computes bf16 in float32, so
-it is the float32 program: an upper bound for bf16 activations). Step time: not yet measured on a
-pod.
   policy                            planned  bf16 est  f32 compiled  fits (planned <= 90%)
   64 chips, mesh (1, 64), 16 img/chip (GiB):
     off                                95.98     90.79        139.46  v5e:NO v4:NO v5p:NO
