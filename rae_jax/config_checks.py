@@ -180,7 +180,9 @@ def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
 RESUME_EXEMPT = ("log", "eval", "checkpoint", "resume", "distributed", "sample", "sampler",
                  "export", "interop", "mesh", "data.num_threads", "data.prefetch", "data.data_dir",
                  "data.eval_split", "profile", "model.attention_impl",
-                 "model.remat_policy", "decoder.remat_policy")
+                 # Memory knobs (the recipes pick them per chip): remat never changes the math or
+                 # the params. scan_layers does change the param layout, so it is not here.
+                 "model.remat", "model.remat_policy", "decoder.remat", "decoder.remat_policy")
 # The length of a run (extending it keeps the LR schedule, which is set in epochs).
 RESUME_EXEMPT_SUFFIXES = ("optim.num_steps", "optim.epochs")
 # Sections the other stage's training never reads.

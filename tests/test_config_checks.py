@@ -118,15 +118,19 @@ def test_resume_refuses_changed_run_fields_unless_allowed():
   c.log.every_steps = 7  # exempt: cannot change the math
   c.stage2.optim.num_steps = 5000  # exempt: extends the run
   c.stage1.optim.lr = 1.0  # not read by stage 2
+  c.model.remat, c.model.remat_policy = True, "dots_saveable"  # memory only: same math, params
+  c.model.scan_layers = True  # changes the param layout: refused
   with pytest.raises(config_checks.ConfigError) as e:
     config_checks.check_resume(saved, c.to_dict(), stage="stage2")
   msg = str(e.value)
   for f in ("config.stage2.global_batch_size: 64 -> 128", "config.stage2.optim.lr",
-            "config.stage2.ema_decay"):
+            "config.stage2.ema_decay", "config.model.scan_layers"):
     assert f in msg, msg
   assert "log.every_steps" not in msg and "num_steps" not in msg and "stage1" not in msg
-  assert "--config.resume.allow_changes=stage2.ema_decay,stage2.global_batch_size,stage2.optim.lr" \
-      in msg
+  assert "model.remat" not in msg, msg
+  assert ("--config.resume.allow_changes=model.scan_layers,stage2.ema_decay,"
+          "stage2.global_batch_size,stage2.optim.lr") in msg
+  c.model.scan_layers = False
   c.resume.allow_changes = "stage2.ema_decay, config.stage2.global_batch_size,stage2.optim.lr"
   changed = config_checks.check_resume(saved, c.to_dict(), stage="stage2")
   assert changed == ["stage2.ema_decay", "stage2.global_batch_size", "stage2.optim.lr"]
