@@ -7,6 +7,9 @@
 #
 # Writes <out_dir>/*.txt (default ./accelerator_check) and prints a summary to paste into the
 # README's benchmark section. Nothing here is asserted on timing; the parity checks fail loudly.
+# Sizes: XL_BATCH (64), S1_BATCH (32), STEPS (10), SAMPLE_BATCH (64), SAMPLE_STEPS (50).
+# ALLOW_CPU=1 runs the same plumbing on a CPU host (xla attention only; use tiny sizes, e.g.
+# ALLOW_CPU=1 XL_BATCH=1 S1_BATCH=1 STEPS=1 SAMPLE_BATCH=1 SAMPLE_STEPS=2): a dry run of the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-accelerator_check}
@@ -17,11 +20,15 @@ unset JAX_PLATFORMS XLA_FLAGS  # the test conftest forces CPU only when these ar
 BACKEND=$($PY -c 'import jax; print(jax.default_backend())')
 KIND=$($PY -c 'import jax; print(jax.devices()[0].device_kind)')
 echo "backend=$BACKEND device=$KIND" | tee "$OUT/device.txt"
-if [[ "$BACKEND" != "gpu" && "$BACKEND" != "cuda" && "$BACKEND" != "tpu" ]]; then
+STEPS=${STEPS:-10}
+if [[ "$BACKEND" == "cpu" && "${ALLOW_CPU:-0}" == "1" ]]; then
+  IMPL=xla; PLAT=cpu; echo "ALLOW_CPU=1: dry run on the CPU (xla attention only)"
+elif [[ "$BACKEND" != "gpu" && "$BACKEND" != "cuda" && "$BACKEND" != "tpu" ]]; then
   echo "No accelerator visible to JAX (backend=$BACKEND): install jax[cuda12] / jax[tpu]." >&2
   exit 2
+else
+  IMPL=cudnn; PLAT=cuda; [[ "$BACKEND" == "tpu" ]] && IMPL=splash && PLAT=tpu
 fi
-IMPL=cudnn; PLAT=cuda; [[ "$BACKEND" == "tpu" ]] && IMPL=splash && PLAT=tpu
 
 echo "== 1. fused attention vs xla on $KIND ($IMPL, bf16): forward, gradients, DiTDH-XL forward"
 $PY - "$IMPL" <<'EOF' | tee "$OUT/attention_parity.txt"
@@ -65,22 +72,23 @@ echo "== 2. bf16 precision tests on the accelerator (dtype audit, demo bf16 vs f
 JAX_PLATFORMS=$PLAT $PY -m pytest -q -p no:cacheprovider tests/test_precision.py 2>&1 \
   | tail -3 | tee "$OUT/precision_tests.txt"
 if [[ -f tests/test_train_parity.py ]]; then  # the official trajectory replay, bf16 variant
-  JAX_PLATFORMS=$PLAT $PY -m pytest -q -p no:cacheprovider tests/test_train_parity.py -k bf16 \
+  JAX_PLATFORMS=$PLAT $PY -m pytest -q -p no:cacheprovider tests/test_train_parity.py -k bfloat16 \
     2>&1 | tail -3 | tee "$OUT/train_parity_bf16.txt" || true
 fi
 
 echo "== 3. DiTDH-XL train step (256 tokens, bf16): xla vs $IMPL attention, FLOPs and MFU"
-for impl in xla "$IMPL"; do
-  $PY bench/train_step.py --rows=xl_step --dtype=bfloat16 --xl_batch=${XL_BATCH:-64} --steps=10 \
+for impl in $(echo xla "$IMPL" | tr " " "\n" | sort -u); do
+  $PY bench/train_step.py --rows=xl_step --dtype=bfloat16 --xl_batch=${XL_BATCH:-64} --steps=$STEPS \
     --attention_impl="$impl" 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/xl_step_$impl.txt"
 done
-$PY bench/train_step.py --rows=s_step --dtype=bfloat16 --batch=64 --steps=10 2>&1 \
+$PY bench/train_step.py --rows=s_step --dtype=bfloat16 --batch=${XL_BATCH:-64} --steps=$STEPS 2>&1 \
   | grep -v '^[IW][0-9]' | tee "$OUT/s_step.txt"
-$PY bench/train_step.py --rows=stage1_step --dtype=bfloat16 --s1_batch=${S1_BATCH:-32} --steps=5 \
+$PY bench/train_step.py --rows=stage1_step --dtype=bfloat16 --s1_batch=${S1_BATCH:-32} --steps=$STEPS \
   2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/stage1_step.txt" || true
 
-echo "== 4. sampling: 50-step Euler, DiTDH-XL, bf16, batch 64"
-$PY bench/sampling.py --model XL --batch 64 --steps 50 --dtype bfloat16 2>&1 \
+echo "== 4. sampling: ${SAMPLE_STEPS:-50}-step Euler, DiTDH-XL, bf16, batch ${SAMPLE_BATCH:-64}"
+$PY bench/sampling.py --model XL --batch "${SAMPLE_BATCH:-64}" --steps "${SAMPLE_STEPS:-50}" \
+  --repeats 1 --dtype bfloat16 2>&1 \
   | grep -v '^[IW][0-9]' | tee "$OUT/sampling_xl.txt"
 
 echo "== 5. host input pipeline (cores needed to feed the measured xl_step rate)"
