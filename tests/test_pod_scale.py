@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import rel_err
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from rae_jax.models.decoder import ViTDecoder
