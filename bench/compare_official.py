@@ -61,7 +61,6 @@ import sys
 import tempfile
 import time
 import types
-import zlib
 
 import numpy as np
 
@@ -70,6 +69,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 REFERENCE = os.path.join(REPO, "tests", "fixtures", "reference")
+
+from rae_jax.interop.common import seeded_state_dict  # noqa: E402  (numpy only)
 
 S = dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16))
 COMMON = dict(input_size=16, patch_size=1, in_channels=768, mlp_ratio=4.0,
@@ -100,20 +101,6 @@ def median_time(fn, repeats, warmup=True):
     fn()
     times.append(time.perf_counter() - t)
   return statistics.median(times)
-
-
-def seeded_state_dict(shapes: dict) -> dict:
-  """The reference README's numpy-only weight rule (tests/fixtures/reference/README.md)."""
-  out = {}
-  for key, shape in shapes.items():
-    rng = np.random.default_rng(zlib.crc32(key.encode()))
-    if key.endswith("running_var"):
-      out[key] = rng.uniform(0.5, 1.5, size=tuple(shape)).astype(np.float32)
-    elif key.endswith("running_mean"):
-      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.1).astype(np.float32)
-    else:
-      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.05).astype(np.float32)
-  return out
 
 
 def fid_inception_state_dict() -> dict:

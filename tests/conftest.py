@@ -9,6 +9,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from rae_jax.interop import common as interop_common  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -26,16 +27,4 @@ def ref_dir():
   return FIXTURES / "reference"
 
 
-def seeded_state_dict(shapes):
-  """The reference README's numpy-only weight rule for LPIPS / DINO disc / FID Inception keys."""
-  import zlib
-  out = {}
-  for key, shape in shapes.items():
-    rng = np.random.default_rng(zlib.crc32(key.encode()))
-    if key.endswith("running_var"):
-      out[key] = rng.uniform(0.5, 1.5, size=tuple(shape)).astype(np.float32)
-    elif key.endswith("running_mean"):
-      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.1).astype(np.float32)
-    else:
-      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.05).astype(np.float32)
-  return out
+seeded_state_dict = interop_common.seeded_state_dict  # the reference README's weight rule

@@ -65,3 +65,20 @@ def to_numpy(x) -> np.ndarray:
       x = x.float()
     return x.numpy()
   return np.asarray(x)
+
+
+def seeded_state_dict(shapes: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Stand-in float32 weights for a {key: shape} state_dict by the golden vectors' numpy-only
+  rule (../shared/reference README): seeded by crc32(key), BN running stats kept plausible. For
+  tests and benchmarks where the real file (VGG, DINO, FID Inception) cannot be downloaded."""
+  import zlib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for key, shape in shapes.items():
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    if key.endswith("running_var"):
+      out[key] = rng.uniform(0.5, 1.5, size=tuple(shape)).astype(np.float32)
+    elif key.endswith("running_mean"):
+      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.1).astype(np.float32)
+    else:
+      out[key] = (rng.standard_normal(size=tuple(shape)) * 0.05).astype(np.float32)
+  return out
