@@ -8,11 +8,12 @@ import numpy as np
 from PIL import Image
 
 from conftest import REPO
+from train_worker import xla_flags
 
 
 def test_demo_all_modes_fast_variant(tmp_path):
   workdir = tmp_path / "demo"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={workdir}",
          "--config.stage1.optim.num_steps=6", "--config.stage2.optim.num_steps=6",

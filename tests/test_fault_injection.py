@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from conftest import REPO
+from train_worker import xla_flags
 
 FAULT_MAIN = pathlib.Path(__file__).resolve().parent / 'fault_main.py'
 STEPS = 5
@@ -23,7 +24,7 @@ def _cmd(workdir):
 
 
 def _env(tmp_path, **extra):
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  return dict(os.environ, XLA_FLAGS=xla_flags(1),
               JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)

@@ -114,13 +114,21 @@ def build(mesh, *, lr_warmup=2, lr_end=6, accum_steps=1, model_kw=None, imported
   return model, tx, schedule, state, shardings, step_fn
 
 
+def xla_flags(devices: int, *extra: str) -> str:
+  """XLA_FLAGS for a subprocess: `devices` host devices plus every flag this run was given
+  (e.g. `--xla_cpu_max_isa=AVX2` forced on the whole suite), so a forced ISA reaches every
+  process the tests start."""
+  inherited = [f for f in os.environ.get('XLA_FLAGS', '').split()
+               if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join(inherited + [f'--xla_force_host_platform_device_count={devices}', *extra])
+
+
 def subprocess_env(cache_dir=None, devices: int = 4) -> dict:
   """Environment for worker subprocesses: `devices` CPU devices, the same XLA flags in every
   run (bitwise comparisons), a low backend optimisation level (the tiny step compiles ~3x
   faster) and optionally a persistent compilation cache so that only the first run compiles."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
-                      '--xla_backend_optimization_level=0')
+  env['XLA_FLAGS'] = xla_flags(devices, '--xla_backend_optimization_level=0')
   env['JAX_PLATFORMS'] = 'cpu'
   if cache_dir is not None:
     env['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
