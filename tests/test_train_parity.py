@@ -131,9 +131,10 @@ def rel(a, b) -> float:
   return abs(a - b) / max(abs(b), 1e-30)
 
 
-def check_scalars(meta, d, metrics, names, own=None):
+def check_scalars(meta, d, metrics, names, own=None, inherited=None):
   """Per-step scalars within max(1e-5, 10 x sensitivity); `own` (metrics of our replay from
-  1-ulp-perturbed init weights) adds our own floating-point sensitivity to the official one."""
+  1-ulp-perturbed init weights) adds our own floating-point sensitivity to the official one, and
+  `inherited` ({name: per-step relative divergence}) what a scalar inherits from upstream."""
   sens = meta["ulp_sensitivity"]
   worst = {}
   for ours, theirs in names.items():
@@ -141,7 +142,8 @@ def check_scalars(meta, d, metrics, names, own=None):
       ref = d[f"out_{theirs}"][i]
       if np.isnan(ref):
         continue
-      s = max(float(sens[theirs][i]), rel(own[i][ours], m[ours]) if own else 0.0)
+      s = max(float(sens[theirs][i]), rel(own[i][ours], m[ours]) if own else 0.0,
+              (inherited or {}).get(theirs, [0.0] * len(metrics))[i])
       err = rel(m[ours], ref)
       assert err <= bound(s), (theirs, i, float(m[ours]), ref, err, s)
       worst[theirs] = max(worst.get(theirs, 0.0), err)
@@ -275,10 +277,12 @@ def ulp_perturbed(sd: dict, seed: int = 1) -> dict:
   return {k: (v * (1 + 1e-7 * rng.standard_normal(v.shape))).astype(v.dtype) for k, v in sd.items()}
 
 
-def replay_stage1(ref_dir, name="train1_rae", *, also_perturbed=False):
+def replay_stage1(ref_dir, name="train1_rae", *, also_perturbed=False, config_edit=None,
+                  steps=None, steps_per_epoch=None):
   """Runs the trajectory through stage1.make_step -> (meta, draws, runs, rae); runs is a list of
   (metrics per step, final state): from the init weights and, if asked, from 1-ulp-perturbed ones
-  (through the same compiled steps)."""
+  (through the same compiled steps). `config_edit`, `steps` (a prefix of the trajectory) and
+  `steps_per_epoch` (the schedules' clock) serve the negative controls."""
   from conftest import seeded_state_dict
   from rae_jax.interop import decoder_names, dino_weights
   from rae_jax.interop.lpips_weights import lpips_params_from_state_dict
@@ -287,9 +291,12 @@ def replay_stage1(ref_dir, name="train1_rae", *, also_perturbed=False):
 
   meta, d = load_case(ref_dir, name)
   config = stage1_config(meta, ref_dir)
-  k, b = meta["steps"], meta["batch"]
-  parts = stage1.build_parts(config, meta["steps_per_epoch"] * b)
-  assert parts.sched.steps_per_epoch == meta["steps_per_epoch"] and parts.disc is not None
+  if config_edit is not None:
+    config_edit(config)
+  k, b = steps or meta["steps"], meta["batch"]
+  spe = steps_per_epoch or meta["steps_per_epoch"]
+  parts = stage1.build_parts(config, spe * b)
+  assert parts.sched.steps_per_epoch == spe and parts.disc is not None
   rae, rae_vars = builders.build_rae(config, "", with_stats=False)
   assert rae.image_size == meta["rae"]["image_size"]
 
@@ -356,33 +363,128 @@ def stage1_tensors(rae, state):
           decoder_names.to_state_dict(rae.decoder, state.ema_params), heads)
 
 
-def test_stage1_rae_gan_trajectory(ref_dir):
-  """Why a second replay: the stage-1 loop has measure-zero discontinuities that a 1-ulp change
-  can cross (a ReLU / max-pool tie in LPIPS's VGG flips between XLA's fused and unfused rounding
-  of the same reconstruction; the D heads learn from near-zero hinge gradients that AdamW
-  normalises to full steps). The official `ulp_sensitivity` is one draw of that chaos; our own
-  replay from 1-ulp-perturbed weights is another, and the bound takes the larger. Everything
-  that does not pass through such a point (L1, LPIPS values, schedules, D losses) still meets
-  max(1e-5, 10 x the official sensitivity), which is where a wrong clock, EMA or phase shows."""
-  meta, d, runs, rae = replay_stage1(ref_dir, also_perturbed=True)
-  (metrics, state), (own_metrics, own_state) = runs
-  strict = {k: v for k, v in STAGE1_SCALARS.items()
-            if v in ("rec_loss", "lpips", "lr", "d_lr", "d_loss")}
+D_PATH = ("logits_real", "logits_fake")
+# Scalars that read the discriminator once the GAN term is on: the generator loss is D's mean
+# logit on the fakes, the adaptive weight a ratio with the norm of D's input gradient, the total
+# and the decoder's gradient norm carry both.
+D_DOWNSTREAM = ("gan_loss", "adaptive_weight", "grad_norm")
+
+
+def d_path_divergence(meta, d, metrics, own=None) -> list:
+  """Per step, the worst relative divergence the discriminator has reached by then: the official
+  1-ulp sensitivity, our own perturbed replay and our measured distance from the reference of its
+  logits (each of which the test bounds by itself)."""
+  sens, out, worst = meta["ulp_sensitivity"], [], 0.0
+  for i, m in enumerate(metrics):
+    for name in D_PATH:
+      ref = d[f"out_{name}"][i]
+      if not np.isnan(ref):
+        ours = STAGE1_NAMES[name]
+        worst = max(worst, float(sens[name][i]), rel(m[ours], ref),
+                    rel(own[i][ours], m[ours]) if own else 0.0)
+    out.append(worst)
+  return out
+
+
+def inherited_from_discriminator(meta, d, metrics, own=None) -> dict:
+  """What the D-downstream scalars inherit, derived per step (zero while the official GAN term is
+  off: everything before it keeps the strict bound).
+
+  With eps_D the discriminator's divergence, the generator loss (D's logits) and the adaptive
+  weight (||grad rec|| / ||grad_x D||) move by eps_D to first order, and so does the part of the
+  gradient norm that the GAN term contributes. The total is rec + w_p LPIPS + w_g a G: its GAN
+  term moves by (eps_a + eps_G) |w_g a G|, i.e. 2 eps_D |w_g a G| / |total| relative."""
+  eps_d = d_path_divergence(meta, d, metrics, own)
+  spe, loss = meta["steps_per_epoch"], meta["loss"]
+  on = [i // spe >= loss["disc_start"] for i in range(len(metrics))]  # the official epoch switch
+  out = {name: [e if g else 0.0 for e, g in zip(eps_d, on)] for name in D_DOWNSTREAM}
+  gan_term = np.abs(loss["disc_weight"] * d["out_adaptive_weight"] * d["out_gan_loss"])
+  out["total"] = [2 * e * float(gan_term[i] / abs(d["out_total"][i])) if on[i] else 0.0
+                  for i, e in enumerate(eps_d)]
+  return out
+
+
+STAGE1_NAMES = {v: k for k, v in STAGE1_SCALARS.items()}
+STRICT_STAGE1 = ("rec_loss", "lpips", "lr", "d_lr", "d_loss")
+
+
+def check_stage1_run(ref_dir, meta, d, metrics, state=None, rae=None, own=None):
+  """Every check of the stage-1 replay; raises AssertionError naming the quantity and step.
+  `state` (the final state) also checks the final decoder, EMA and heads tensors; `own` is
+  (metrics, state) of our 1-ulp-perturbed replay or None."""
+  own_metrics, own_state = own or (None, None)
+  strict = {k: v for k, v in STAGE1_SCALARS.items() if v in STRICT_STAGE1}
   check_scalars(meta, d, metrics, strict)
-  worst = check_scalars(meta, d, metrics, STAGE1_SCALARS, own=own_metrics)
+  worst = check_scalars(meta, d, metrics, STAGE1_SCALARS, own=own_metrics,
+                        inherited=inherited_from_discriminator(meta, d, metrics, own_metrics))
   # Before the D updates start nothing may have run: our zeros where the reference has NaN.
   first_d = int(np.argmax(~np.isnan(d["out_d_loss"])))
-  assert all(float(m["d_lr"]) == 0.0 for m in metrics[:first_d])
+  assert all(float(m["d_lr"]) == 0.0 for m in metrics[:first_d]), "d_lr before the D updates"
+  if state is None:
+    return worst
   sens = meta["ulp_sensitivity"]
   dec, ema, heads = stage1_tensors(rae, state)
-  own_dec, own_ema, own_heads = stage1_tensors(rae, own_state)
-  p_err = check_tensors(dec, load_file(ref_dir / "train1_rae.decoder_final.safetensors"),
-                        sens["decoder_worst_tensor"], "decoder", own_dec)
-  e_err = check_tensors(ema, load_file(ref_dir / "train1_rae.decoder_ema.safetensors"),
-                        sens["ema_worst_tensor"], "decoder EMA", own_ema)
-  h_err = check_tensors(heads, load_file(ref_dir / "train1_rae.heads_final.safetensors"),
-                        sens["heads_worst_tensor"], "discriminator heads", own_heads)
+  own_dec, own_ema, own_heads = stage1_tensors(rae, own_state) if own else (None,) * 3
+  worst["decoder"] = check_tensors(dec, load_file(ref_dir / "train1_rae.decoder_final.safetensors"),
+                                   sens["decoder_worst_tensor"], "decoder", own_dec)
+  worst["ema"] = check_tensors(ema, load_file(ref_dir / "train1_rae.decoder_ema.safetensors"),
+                               sens["ema_worst_tensor"], "decoder EMA", own_ema)
+  worst["heads"] = check_tensors(heads, load_file(ref_dir / "train1_rae.heads_final.safetensors"),
+                                 sens["heads_worst_tensor"], "discriminator heads", own_heads)
   n_d = int(np.sum(~np.isnan(d["out_d_loss"])))
   assert int(state.extra["disc_step"]) == n_d and int(state.step) == meta["steps"]
-  print(f"stage-1 replay: worst per-step {worst}; decoder {p_err:.2e}, EMA {e_err:.2e}, "
-        f"heads {h_err:.2e}")
+  return worst
+
+
+def test_stage1_rae_gan_trajectory(ref_dir):
+  """The stage-1 loop has measure-zero discontinuities that a 1-ulp change can cross (a ReLU /
+  max-pool tie in LPIPS's VGG flips between XLA's fused and unfused rounding of the same
+  reconstruction; the D heads learn from near-zero hinge gradients that AdamW normalises to full
+  steps), so from the first D update on the discriminator diverges chaotically: by about 5e-3
+  after three updates, in the official trainer itself as in ours (on any CPU: which ties flip
+  depends on the vector width). The D logits are bounded by 10 x the larger of the official
+  sensitivity and our own perturbed replay; what reads D (GAN loss, adaptive weight, total,
+  gradient norm) by what it inherits from D's measured divergence
+  (`inherited_from_discriminator`), never by one random draw. Everything that does not pass
+  through D (L1, LPIPS, schedules, D loss, every step before the GAN term) keeps
+  max(1e-5, 10 x the official sensitivity), which is where a wrong clock, EMA, phase or
+  adaptive-weight formula shows (`test_stage1_replay_check_catches`)."""
+  meta, d, runs, rae = replay_stage1(ref_dir, also_perturbed=True)
+  (metrics, state), own = runs
+  worst = check_stage1_run(ref_dir, meta, d, metrics, state, rae, own)
+  print(f"stage-1 replay: worst {worst}")
+
+
+def _late_gan_start(c):
+  c.stage1.loss.disc_start = 2.5  # GAN term one step after the official epoch switch
+
+
+def _ema_decay(c):
+  c.stage1.ema_decay = 0.999
+
+
+def _squared_adaptive_weight(monkeypatch):
+  """A wrong adaptive weight: (||grad rec|| / ||grad G||)^2 instead of the ratio."""
+  from rae_jax.losses import gan as gan_lib
+  right = gan_lib.adaptive_weight_from_grads
+  monkeypatch.setattr(gan_lib, "adaptive_weight_from_grads",
+                      lambda r, g, m=1e4: jnp.minimum(right(r, g, m) ** 2, m))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, replay_kw, steps, names", [
+    # epochs counted in 3 steps, not 2: the LR moves, and with it the step-1 reconstruction
+    ("schedule clock", dict(steps_per_epoch=3), 2, r"'(lr|rec_loss)', 1,"),
+    ("phase start", dict(config_edit=_late_gan_start), 5, r"'gan_loss', 4,"),
+    ("adaptive weight", dict(), 5, r"'adaptive_weight', 4,"),
+    ("EMA decay", dict(config_edit=_ema_decay), None, "decoder EMA"),
+], ids=["clock", "phase", "adaptive_weight", "ema"])
+def test_stage1_replay_check_catches(ref_dir, monkeypatch, fault, replay_kw, steps, names):
+  """Negative controls: the derived bounds still fail a replay with each mistake (one replay
+  prefix each, as short as the mistake needs)."""
+  if fault == "adaptive weight":
+    _squared_adaptive_weight(monkeypatch)
+  meta, d, runs, rae = replay_stage1(ref_dir, steps=steps, **replay_kw)
+  (metrics, state), = runs
+  with pytest.raises(AssertionError, match=names):
+    check_stage1_run(ref_dir, meta, d, metrics, state if steps is None else None, rae)
