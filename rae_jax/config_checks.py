@@ -44,8 +44,99 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
+# Every numeric field where a negative or zero value means nothing (and used to be accepted or
+# silently replaced): rule -> fields. Tuples (DiTDH's (trunk, head) widths) are checked per entry.
+_OPTIMS = ("stage1.optim", "stage1.disc.optim", "stage2.optim")
+NUMERIC_RULES = {
+    "positive integer": (
+        "data.image_size", "data.num_classes", "encoder.hidden_size", "encoder.input_size",
+        "encoder.patch_size", "encoder.depth", "encoder.num_heads", "decoder.patch_size",
+        "decoder.decoder_hidden_size", "decoder.decoder_num_hidden_layers",
+        "decoder.decoder_num_attention_heads", "decoder.decoder_intermediate_size",
+        "model.input_size", "model.patch_size", "model.in_channels", "model.hidden_size",
+        "model.depth", "model.num_heads", "model.num_classes",
+        "guidance.guide_model.input_size", "guidance.guide_model.patch_size",
+        "guidance.guide_model.in_channels", "guidance.guide_model.hidden_size",
+        "guidance.guide_model.depth", "guidance.guide_model.num_heads",
+        "guidance.guide_model.num_classes", "sampler.num_steps", "sample.num_images",
+        "sample.grid_cols", "eval.num_samples", "eval.shard_size", "eval.online_num_samples",
+        "stage1.disc.ks", "stage1.loss.disc_updates", "stage2.grad_accum_steps",
+        "mesh.max_fsdp", "profile.num_steps", "transport.shift_dim", "transport.shift_base"),
+    "integer >= 0": (
+        "data.synthetic_size", "data.prefetch", "checkpoint.keep_period",
+        "log.sample_every_steps", "eval.online_every_steps", "distributed.num_processes"),
+    "number > 0": (
+        "model.mlp_ratio", "guidance.guide_model.mlp_ratio", "stats.eps",
+        "decoder.layer_norm_eps", "stage1.disc.norm_eps", "sampler.atol", "sampler.rtol") +
+        tuple(f"{o}.eps" for o in _OPTIMS),
+    "number >= 0": (
+        "stage1.noise_tau", "stage1.loss.l1_weight", "stage1.loss.perceptual_weight",
+        "stage1.loss.lpips_start", "stage1.loss.disc_weight", "stage1.loss.disc_start",
+        "stage1.loss.disc_upd_start", "stage1.loss.max_d_weight", "sampler.diffusion_norm",
+        "sampler.last_step_size", "guidance.scale") +
+        tuple(f"{o}.{f}" for o in _OPTIMS for f in ("final_lr", "warmup_epochs",
+                                                      "decay_end_epoch", "weight_decay",
+                                                      "clip_grad")),
+    "number in [0, 1]": ("stage1.disc.aug_prob", "stage1.disc.cutout", "guidance.t_min",
+                         "guidance.t_max", "model.class_dropout_prob",
+                         "guidance.guide_model.class_dropout_prob", "transport.train_eps",
+                         "transport.sample_eps"),
+}
+_RULES = {
+    "positive integer": lambda v: isinstance(v, int) and v > 0,
+    "integer >= 0": lambda v: isinstance(v, int) and v >= 0,
+    "number > 0": lambda v: isinstance(v, (int, float)) and v > 0,
+    "number >= 0": lambda v: isinstance(v, (int, float)) and v >= 0,
+    "number in [0, 1]": lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+}
+_MISSING = object()
+
+
+def _field(config: mlc.ConfigDict, name: str) -> Any:
+  node = config
+  for part in name.split("."):
+    if not hasattr(node, "get"):
+      return _MISSING
+    node = node.get(part, _MISSING)
+    if node is _MISSING or node is None:
+      return _MISSING
+  return node
+
+
+def _check_numbers(config: mlc.ConfigDict) -> None:
+  """Negative or zero where it means nothing fails here, naming the field."""
+  for rule, names in NUMERIC_RULES.items():
+    ok = _RULES[rule]
+    for name in names:
+      value = _field(config, name)
+      if value is _MISSING:
+        continue
+      values = value if isinstance(value, (tuple, list)) else (value,)
+      if not values or any(isinstance(v, bool) or not ok(v) for v in values):
+        article = "an" if rule.startswith("integer") else "a"
+        raise ConfigError(f"config.{name}={value!r}: must be {article} {rule}")
+  for o in _OPTIMS:
+    steps, epochs = _field(config, f"{o}.num_steps"), _field(config, f"{o}.epochs")
+    if steps is not _MISSING and (isinstance(steps, bool) or not isinstance(steps, int) or
+                                  (steps != -1 and steps <= 0)):
+      raise ConfigError(f"config.{o}.num_steps={steps!r}: must be a positive integer, or -1 "
+                        f"(the run length is config.{o}.epochs)")
+    if steps == -1 and epochs is not _MISSING and not (isinstance(epochs, (int, float))
+                                                      and epochs > 0):
+      raise ConfigError(f"config.{o}.epochs={epochs!r}: must be > 0 (config.{o}.num_steps=-1 "
+                        "takes the run length from it)")
+  for name in ("distributed.process_id", "profile.start_step"):
+    value = _field(config, name)
+    if value is not _MISSING and (not isinstance(value, int) or value < -1):
+      raise ConfigError(f"config.{name}={value!r}: must be an integer >= 0, or -1 (off/auto)")
+  t_min, t_max = _field(config, "guidance.t_min"), _field(config, "guidance.t_max")
+  if t_min is not _MISSING and t_max is not _MISSING and t_min > t_max:
+    raise ConfigError(f"config.guidance.t_min={t_min!r} > config.guidance.t_max={t_max!r}")
+
+
 def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
   """Fields whose bad values used to escape as KeyError/ZeroDivisionError/IndexError later."""
+  _check_numbers(config)
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}")
   if config.data.source not in DATA_SOURCES:
