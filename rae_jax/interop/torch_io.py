@@ -171,13 +171,25 @@ def open_tensors(path, entry: Optional[str] = None) -> TensorFile:
     raise FileNotFoundError(f"{path}: no such file")
   if entry not in (None, "plain") and path.suffix in (".safetensors", ".npz"):
     raise StateDictError(f"{path}: a plain state_dict has no '{entry}' entry")
-  if path.suffix == ".safetensors":
-    st = _Safetensors(path)
-    tf = TensorFile(str(path), st, "plain", shapes=st.shape)
-  elif path.suffix == ".npz":
-    tf = TensorFile(str(path), np.load(path), "plain")
-  else:
-    sd, entry, found = _select_entry(_torch_load(path), path, entry)
+  try:
+    if path.suffix == ".safetensors":
+      st = _Safetensors(path)
+      tf = TensorFile(str(path), st, "plain", shapes=st.shape)
+    elif path.suffix == ".npz":
+      tf = TensorFile(str(path), np.load(path), "plain")
+    else:
+      obj = _torch_load(path)
+  except (StateDictError, ImportError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # torch/zip/safetensors errors do not say which file ("PytorchStreamReader failed reading
+    # zip archive"); up to four files are imported at once.
+    text = str(e).strip()
+    raise StateDictError(f"{path}: cannot read this file ({type(e).__name__}: "
+                         f"{text.splitlines()[0] if text else ''}); is it truncated or "
+                         "damaged (an interrupted download)?") from e
+  if path.suffix not in (".safetensors", ".npz"):
+    sd, entry, found = _select_entry(obj, path, entry)
     sd = {k: v for k, v in sd.items() if hasattr(v, "shape")}  # drop e.g. `_metadata`
     tf = TensorFile(str(path), sd, entry, entries=found)
   rename = _strip_wrappers(tf)
