@@ -40,7 +40,7 @@ def decode_image(value: Any, what: str) -> np.ndarray:
     value = value.item()
   if isinstance(value, (bytes, bytearray, memoryview)):
     with Image.open(io.BytesIO(value)) as im:
-      return np.asarray(im.convert("RGB"))
+      return as_rgb_uint8(im, what)  # 16-bit PNGs scaled, not clipped
   return as_rgb_uint8(value, what)
 
 

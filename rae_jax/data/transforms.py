@@ -13,10 +13,25 @@ import numpy as np
 from PIL import Image
 
 
+# 16-bit grayscale (PNG, TIFF, PGM): PIL's convert("RGB") clips these to 255 instead of scaling
+# (a 16-bit PNG comes out almost white), and torchvision's ImageFolder loader does the same.
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """PIL image of any mode -> 8-bit RGB. 16-bit (and 32-bit integer "I", which PIL uses for
+  16-bit PNGs) samples are scaled from [0, 65535] to [0, 255] with rounding, not clipped."""
+  if image.mode in _HIGH_BIT_MODES:
+    wide = np.asarray(image).astype(np.int64)
+    eight = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(eight, mode="L").convert("RGB")
+  return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def as_rgb_uint8(image: Any, what: str = "image") -> np.ndarray:
   """(H,W), (H,W,1), (H,W,3) or (H,W,4) uint8 / PIL image -> (H,W,3) uint8."""
   if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(to_rgb(image))
   arr = np.asarray(image)
   if arr.dtype != np.uint8:
     raise ValueError(f"{what}: expected uint8 pixels, got dtype {arr.dtype}")
@@ -39,7 +54,7 @@ def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
   bicubic resize whose short side lands exactly on `image_size`.
   """
   if isinstance(image, Image.Image):
-    pil = image.convert("RGB")
+    pil = to_rgb(image)
   else:
     arr = as_rgb_uint8(image)
     if arr.shape[0] == arr.shape[1] == image_size:
