@@ -20,6 +20,7 @@ temp dir and renamed, so an existing export is never half-overwritten.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from typing import Any, Mapping, Optional
@@ -505,6 +506,29 @@ def _carry_subdir(src: str, dst: str, name: str) -> None:
     os.replace(os.path.join(src, name), os.path.join(dst, name))
 
 
+def check_replaceable(final: str) -> None:
+  """Export is all or nothing: publishing renames the previous export aside, renames the new
+  one in and deletes the old one (carrying export_diffusers' folder over). Every directory
+  that touches must be writable -- else stop before anything is published, naming it, and the
+  previous export stays exactly as it was (a read-only export/ used to get the new export
+  published, `export.old` left behind and an error naming no path)."""
+  dirs = [os.path.dirname(os.path.abspath(final))]
+  if os.path.isdir(final):
+    dirs += [d for d, _, _ in os.walk(final)]
+  for d in dirs:
+    if not os.access(d, os.W_OK | os.X_OK):
+      probe = errno.EROFS if _read_only_fs(d) else errno.EACCES
+      raise PermissionError(probe, f"cannot replace the export in {final}: {d} is not writable "
+                            f"({os.strerror(probe)}); the previous export is left as it was", d)
+
+
+def _read_only_fs(path: str) -> bool:
+  try:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+  except OSError:
+    return False
+
+
 def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> str:
   """Write <workdir>/export/ from whatever the workdir has; returns that directory.
 
@@ -531,6 +555,7 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
   try:
     if primary:
       recover_dir(final)
+      check_replaceable(final)  # before a byte is written
       if os.path.exists(tmp):  # left by a killed export
         shutil.rmtree(tmp)
       os.makedirs(tmp)
@@ -559,6 +584,7 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
     if primary:
       with open(os.path.join(tmp, "README.txt"), "w") as f:
         f.write(_readme(config, which, written))
+      check_replaceable(final)  # again: it may have changed during the conversion
       _carry_subdir(final, tmp, _DIFFUSERS_SUBDIR)  # export_diffusers' folder survives
       replace_dir(tmp, final)
     _sync("rae_jax_export_published")
