@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from rae_jax.data import transforms
+from rae_jax.data.transforms import to_rgb
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -73,7 +73,7 @@ class ImageFolderSource:
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     # convert() forces the full decode here, so truncated files fail now, not later.
     with Image.open(self.paths[index]) as im:
-      image = np.asarray(transforms.to_rgb(im))  # 16-bit scaled, not clipped
+      image = np.asarray(to_rgb(im))  # 16-bit scaled, not clipped
     return image, int(self.labels[index])
 
   def describe(self, index: int) -> str:
