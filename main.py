@@ -7,6 +7,7 @@
 Every mode resumes from what <workdir> already holds.
 """
 import logging as pylogging
+import os
 import sys
 import traceback
 
@@ -33,10 +34,31 @@ class _QuietLibraries(pylogging.Filter):
 
 def failure_sentence(mode: str, error: BaseException) -> str:
   """One line naming the cause: our errors already name the file/field/step; others get their
-  type and first line."""
+  type and first line, and an operating-system cause deeper in the chain (disk full, permission
+  denied: its errno, path and bytes) is appended when the first line does not name it."""
   text = str(error).strip()
   first = text.splitlines()[0] if text else ""
-  return f"rae-jax --mode={mode} failed: {type(error).__name__}: {first}"
+  sentence = f"rae-jax --mode={mode} failed: {type(error).__name__}: {first}"
+  from rae_jax.train.checkpoint import os_cause  # pylint: disable=g-import-not-at-top
+  cause = os_cause(error)
+  if cause and cause.split(" (")[0] not in sentence:
+    sentence += f" -- cause: {cause}"
+  return sentence
+
+
+def exit_now(code: int) -> None:
+  """Flush and end the process at once. A failed run must not be kept alive by a library's
+  background threads (orbax's save and signalling threads, their asyncio loops), nor have them
+  print tracebacks after its last line: skip the interpreter's shutdown (thread joins, garbage
+  collection of pending tasks). Our own state is already closed (checkpoints, workdir lock)."""
+  for handler in pylogging.getLogger().handlers + logging.get_absl_logger().handlers:
+    try:
+      handler.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def main(argv):
@@ -48,11 +70,14 @@ def main(argv):
   except (KeyboardInterrupt, SystemExit):
     raise
   except Exception as e:  # pylint: disable=broad-except
+    # Background threads still failing (asyncio's "Task exception was never retrieved",
+    # "Event loop is closed") repeat the cause at best: keep them out of the log's tail.
+    pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
     traceback.print_exc()
     sys.stderr.flush()
     # Last line of the log: the cause in one sentence.
     print(failure_sentence(_MODE.value, e), file=sys.stderr, flush=True)
-    sys.exit(1)
+    exit_now(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """--mode dispatch for main.py. Every mode is re-runnable and resumes from the workdir."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import time
 import warnings
 from typing import Callable
 
@@ -12,6 +14,7 @@ import ml_collections as mlc
 from absl import logging
 
 from rae_jax import config_checks
+from rae_jax import workdir_lock
 from rae_jax.train import mesh as mesh_lib
 
 
@@ -48,8 +51,45 @@ MODES: dict[str, Callable[[mlc.ConfigDict, str], object]] = {
 }
 
 
+# Modes that write a run's state (checkpoints, stats, latent caches, imports): one writer per
+# workdir (workdir_lock). The others only read it and may run beside a training run.
+WRITER_MODES = ("train_stage1", "train_stage2", "stats", "cache_latents", "all", "import_torch")
+# The checkpoint directories each training mode resumes from (<workdir>/<stage>/checkpoints).
+TRAINED_STAGES = {"train_stage1": ("stage1",), "train_stage2": ("stage2",),
+                  "all": ("stage1", "stage2")}
+CONFIG_HISTORY = "config_history"
+
+
+def check_resume_config(config: mlc.ConfigDict, workdir: str, mode: str) -> None:
+  """Config drift against the config recorded with the newest checkpoint, before anything is
+  written or restored: a changed model is named as such (config.model.hidden_size: 768 -> 960),
+  not reported as a checkpoint structure mismatch."""
+  from rae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  for stage in TRAINED_STAGES.get(mode, ()):
+    directory = os.path.join(workdir, stage, "checkpoints")
+    found = checkpoint.saved_config(directory)
+    if found:
+      step, saved = found
+      config_checks.check_resume(saved, config.to_dict(), stage=stage,
+                                 where=f"{directory} step {step}")
+
+
+def record_config(config: mlc.ConfigDict, workdir: str, mode: str) -> None:
+  """config.<mode>.json (the latest start) and config_history/<UTC time>.<mode>.json (one per
+  start that passed every check: the record of what each part of a run actually used)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  text = json.dumps(config.to_dict(), indent=2, default=str)
+  root = epath.Path(workdir)
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+  history = root / CONFIG_HISTORY / f"{stamp}.{mode}.{os.getpid()}.json"
+  history.parent.mkdir(parents=True, exist_ok=True)
+  history.write_text(text)
+  (root / f"config.{mode}.json").write_text(text)
+
+
 def run(mode: str, config: mlc.ConfigDict, workdir: str):
-  """Initialise multi-host, validate the config, record it, run the mode."""
+  """Initialise multi-host, validate the config (and a resume's drift), take the workdir lock
+  (writing modes), record the config, run the mode. A run refused by any check writes nothing."""
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}; valid: {sorted(MODES)}")
   d = config.distributed
@@ -62,10 +102,14 @@ def run(mode: str, config: mlc.ConfigDict, workdir: str):
     config_checks.check(config, mode, jax.device_count())
   for w in caught:  # absl routes these to stderr on every process: loud, never lost
     logging.warning("%s: %s", w.category.__name__, w.message)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"config.{mode}.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
-  logging.info("rae-jax --mode=%s, workdir %s, %d devices on %d processes", mode, workdir,
-               jax.device_count(), jax.process_count())
-  return MODES[mode](config, workdir)
+  check_resume_config(config, workdir, mode)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  lock = (workdir_lock.hold(workdir, mode) if mode in WRITER_MODES
+          else contextlib.nullcontext())
+  with lock:
+    if jax.process_index() == 0:
+      record_config(config, workdir, mode)
+    logging.info("rae-jax --mode=%s, workdir %s, %d devices on %d processes", mode, workdir,
+                 jax.device_count(), jax.process_count())
+    return MODES[mode](config, workdir)

@@ -208,6 +208,71 @@ def describe_error(error: BaseException, step_dir: str) -> str:
   return _clip(f'{type(error).__name__}: {text.splitlines()[0] if text else ""}')
 
 
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+_FAILED_PATH = re.compile(r'(?:Failed writing|Error writing local file|Failed to open|'
+                          r'Error opening)[^"]*"([^"]+)"')
+_NBYTES = re.compile(r'Failed to write (\d+) bytes')
+
+
+def os_cause(error: BaseException) -> Optional[str]:
+  """The operating-system root cause in an error chain (Python OSError, or tensorstore's
+  `[os_error_code=28]` text) as one short phrase: 'No space left on device (ENOSPC) writing
+  <path> (288505 bytes)'; None when there is none."""
+  import errno as errno_lib  # pylint: disable=g-import-not-at-top
+  chain, e = [], error
+  while e is not None and e not in chain and len(chain) < 30:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in reversed(chain):  # innermost first
+    code, path, nbytes = None, None, None
+    if isinstance(e, OSError) and e.errno:
+      code, path = e.errno, e.filename
+    else:
+      text = str(e)
+      m = _OS_CODE.search(text)
+      if m:
+        code = int(m.group(1))
+        p, n = _FAILED_PATH.search(text), _NBYTES.search(text)
+        path, nbytes = (p.group(1) if p else None), (int(n.group(1)) if n else None)
+    if code:
+      name = errno_lib.errorcode.get(code, str(code))
+      phrase = f'{os.strerror(code)} ({name})'
+      if path:
+        phrase += f' writing {path}' if nbytes or code in (errno_lib.ENOSPC, errno_lib.EDQUOT,
+                                                           errno_lib.EFBIG) else f': {path}'
+      if nbytes:
+        phrase += f' ({nbytes} bytes)'
+      return phrase
+  return None
+
+
+def _space(directory: str, nbytes: Optional[int]) -> str:
+  """', the checkpoint holds about X MB, Y MB free on <fs>' where known (local paths)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  parts = []
+  if nbytes:
+    parts.append(f'the checkpoint holds about {nbytes / 2**20:.1f} MiB')
+  path = directory
+  while path and not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if '://' not in directory and path:
+    try:
+      parts.append(f'{shutil.disk_usage(path).free / 2**20:.1f} MiB free there')
+    except OSError:
+      pass
+  return ''.join(f', {p}' for p in parts)
+
+
+def _save_failure(step, directory: str, error: BaseException, nbytes: Optional[int]) -> str:
+  """SaveFailed's message: the root cause first (not cut off by orbax's long text)."""
+  cause = os_cause(error)
+  if cause:
+    return (f'checkpoint save of step {step} in {directory} failed: {cause}'
+            f'{_space(directory, nbytes)}; earlier checkpoints are intact')
+  return (f'checkpoint save of step {step} in {directory} failed: '
+          f'{describe_error(error, directory)}; earlier checkpoints are intact')
+
+
 def _clip(line: str, n: int = 400) -> str:
   return line if len(line) <= n else line[:n] + '...'
 
@@ -338,10 +403,10 @@ class Checkpointer:
     try:
       started = self.manager.save(int(step), args=args, force=force)
     except Exception as e:  # pylint: disable=broad-except
-      raise SaveFailed(f'checkpoint save of step {step} in {self.directory} failed: '
-                       f'{describe_error(e, self.directory)}') from e
+      raise SaveFailed(_save_failure(step, self.directory, e, _nbytes(state))) from e
     if started:
       self._pending = int(step)
+      self._pending_bytes = _nbytes(state)
     return started
 
   def check(self) -> None:
@@ -393,8 +458,8 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise SaveFailed(f'checkpoint save of step {step} in {self.directory} failed: '
-                       f'{describe_error(e, self.directory)}; earlier checkpoints are intact') from e
+      raise SaveFailed(_save_failure(step, self.directory, e,
+                                     getattr(self, '_pending_bytes', None))) from e
 
   def close(self):
     """Waits for the pending save and stops orbax's threads. Idempotent; safe in a finally."""
@@ -407,7 +472,58 @@ class Checkpointer:
       self.manager.close()
 
 
+def _nbytes(tree: Any) -> int:
+  return int(sum(getattr(x, 'nbytes', 0) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def abandon(checkpointer: Optional['Checkpointer'], timeout: Optional[float] = None) -> None:
+  """The error path's close: lets a running save finish and orbax's threads stop, but gives up
+  after `timeout` seconds (RAE_CLOSE_TIMEOUT_S, default 120): a stalled save must not keep a
+  failed run alive (main.py then ends the process, leaving such threads behind). A failure
+  while closing is logged, not raised over the error being reported."""
+  if checkpointer is None:
+    return
+  timeout = float(os.environ.get('RAE_CLOSE_TIMEOUT_S', '120')) if timeout is None else timeout
+  errors = []
+
+  def close():
+    try:
+      checkpointer.close()
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  thread = threading.Thread(target=close, name='rae_jax_checkpoint_close', daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if thread.is_alive():
+    logging.error('Checkpoint manager of %s did not stop within %.0f s after the error; '
+                  'abandoning it (a partial save is removed on the next start).',
+                  checkpointer.directory, timeout)
+  elif errors and not isinstance(errors[0], SaveFailed):
+    logging.error('While stopping after an error: %s', errors[0])
+
+
 def _as_abstract(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, 'sharding', None))
+
+
+def saved_config(directory: str | os.PathLike) -> Optional[tuple[int, dict]]:
+  """(step, config) recorded with the newest checkpoint in `directory` whose config item reads,
+  or None. Reads only the small JSON item (no orbax manager, no arrays), so a resume can be
+  checked for config drift before anything is written or restored."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  root = epath.Path(directory)
+  if not root.exists():
+    return None
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      config = json.loads((root / str(step) / 'config' / 'metadata').read_text())
+    except (OSError, ValueError):
+      continue  # damaged or incomplete: the restore moves it aside
+    if isinstance(config, dict) and config:
+      return step, config
+  return None

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from rae_jax import config_checks
+from rae_jax.train import checkpoint as checkpoint_lib
 from rae_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from rae_jax.train.profile import StepProfiler
 
@@ -58,9 +59,10 @@ class MetricWriter:
     self._wandb = None
     if not self.active:
       return
-    if tensorboard and workdir:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(os.fspath(workdir), 'tensorboard'))
+    # Created at the first write: a run refused at start (config drift found on resume, a
+    # damaged workdir) leaves no event file behind.
+    self._tb_dir = (os.path.join(os.fspath(workdir), 'tensorboard') if tensorboard and workdir
+                    else None)
     if wandb:
       try:
         import wandb as wandb_lib  # pylint: disable=g-import-not-at-top
@@ -70,10 +72,16 @@ class MetricWriter:
         logging.warning('W&B requested (%s) but the wandb package is not installed; skipping.',
                         wandb)
 
+  def _tensorboard(self):
+    if self._tb is None and self._tb_dir is not None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(self._tb_dir)
+    return self._tb
+
   def scalars(self, step: int, values: dict):
     if not self.active:
       return
-    if self._tb is not None:
+    if self._tensorboard() is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, float(v), step)
     if self._wandb is not None:
@@ -84,7 +92,7 @@ class MetricWriter:
     if not self.active:
       return
     grid = image_grid(images)
-    if self._tb is not None:
+    if self._tensorboard() is not None:
       self._tb.add_image(name, grid, step, dataformats='HWC')
     if self._wandb is not None:
       self._wandb.log({name: self._wandb.Image(grid)}, step=step)
@@ -94,6 +102,7 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self):
+    self._tb_dir = None
     if self._tb is not None:
       self._tb.close()
       self._tb = None
@@ -244,11 +253,8 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
   except BaseException:
     # Let a running save finish and orbax's threads stop before the error propagates (no
     # background-thread noise after the traceback); a second failure is only logged.
-    if checkpointer is not None:
-      try:
-        checkpointer.close()
-      except Exception as e:  # pylint: disable=broad-except
-        logging.error('While stopping after an error: %s', e)
+    # A stalled save is abandoned after a timeout instead of keeping the failed run alive.
+    checkpoint_lib.abandon(checkpointer)
     raise
   finally:
     profiler.stop(state)
