@@ -1,5 +1,6 @@
 """main.py with an injected disk-full error: the async save of step $RAE_FAIL_SAVE_STEP fails
-when it is committed (as ENOSPC would), for the fault-injection tests."""
+when it is committed (as ENOSPC would), for the fault-injection tests. $RAE_STUCK_LIBRARY_THREAD
+starts a non-daemon thread that never ends."""
 import errno
 import os
 import pathlib
@@ -18,6 +19,13 @@ if os.environ.get('RAE_FAIL_SAVE_STEP'):
       raise OSError(errno.ENOSPC, 'No space left on device (injected)')
     return await _original(self, *args, **kwargs)
   atomicity.AtomicRenameTemporaryPath.finalize = _finalize
+
+if os.environ.get('RAE_STUCK_LIBRARY_THREAD'):
+  # A library thread that never ends (as orbax's save/signalling threads waiting for a commit
+  # that will not come): a failed run must still exit promptly.
+  import threading
+  threading.Thread(target=threading.Event().wait, name='stuck_library_thread',
+                   daemon=False).start()
 
 sys.path.insert(0, str(REPO))
 sys.argv = [str(REPO / 'main.py')] + sys.argv[1:]
