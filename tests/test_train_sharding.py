@@ -96,8 +96,15 @@ def test_gradient_accumulation_equals_big_batch():
     new, metrics = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)))
     out.append((jax.device_get(new), jax.device_get(metrics)))
   (a, ma), (b, mb) = out
-  assert rel_err(mb['loss'], ma['loss']) < 1e-6
+  # Mean of 4 micro-batch means vs one mean of 16 positive per-example losses: two summation
+  # orders differ by <= 2 * 15 * 2^-24 = 1.8e-6 relative (worst case, above the old 1e-6),
+  # plus the per-example forwards batched as 4 vs 16 rows (dots of length 6 and 32, a few
+  # float32 roundoffs each, doubled by the square): within the one-forward standard 1e-5
+  # on any CPU (measured 1.1e-7, bit-identical with --xla_cpu_max_isa=AVX2).
+  assert rel_err(mb['loss'], ma['loss']) < 1e-5
   assert rel_err(mb['grad_norm'], ma['grad_norm']) < 1e-5
+  # Adam's first step is lr * g / |g| (bias-corrected, per element): the gradients' rounding
+  # differences cancel except where |g| ~ eps, so the params agree far inside 1e-6 (1e-9).
   for x, y in zip(jax.tree.leaves(b.params), jax.tree.leaves(a.params)):
     assert rel_err(x, y) < 1e-6
   assert int(b.step) == 1 and int(b.opt_state[1][0].count) == 1
