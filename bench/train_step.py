@@ -519,6 +519,8 @@ def _stage1_plan_parts(c, dtype):
   freed), frozen weights replicated; the compiled program is the whole step main.py runs
   (stage1.make_step, every loss term and the D update on), float32, random weights."""
   from rae_jax.interop.rae_loader import read_decoder_config  # pylint: disable=g-import-not-at-top
+  from rae_jax.losses import decoder_loss  # pylint: disable=g-import-not-at-top
+  from rae_jax.losses.diffaug import diffaug_draws  # pylint: disable=g-import-not-at-top
   from rae_jax.losses.lpips import LPIPS  # pylint: disable=g-import-not-at-top
   from rae_jax.models.decoder import decoder_from_hf_config  # pylint: disable=g-import-not-at-top
   from rae_jax.models.rae import RAE  # pylint: disable=g-import-not-at-top
@@ -559,16 +561,19 @@ def _stage1_plan_parts(c, dtype):
 
   disc = stage1.build_discriminator(c.stage1.disc, dtype, c.model.attention_impl)
   dv = jax.eval_shape(lambda k: disc.init(k, image), key)
+  settings = parts.settings  # the recipe's weights: every term on
 
   def acts(policy, b):
     dm = build(policy, dtype).decoder
     z = jax.ShapeDtypeStruct((b,) + tokens, jnp.float32)
     x = jax.ShapeDtypeStruct((b, img, img, 3), jnp.float32)
 
-    def gen_loss(p, z, x, lp, dv):
+    def gen_loss(p, z, x, lp, dv):  # the step's generator objective, every term on
       xh = dm.apply({'params': p}, z).astype(jnp.float32)
-      return (jnp.mean(jnp.abs(xh - x)) + lpips.apply({'params': lp}, xh * 2 - 1, x * 2 - 1) +
-              jnp.mean(disc.apply(dv, xh * 2 - 1)))
+      g_aug = diffaug_draws(key, xh.shape[0])
+      return decoder_loss.generator_objective(
+          settings, xh, x, lpips=lambda a, b: lpips.apply({'params': lp}, a, b),
+          gan_loss=lambda r: decoder_loss.gan_generator_loss(settings, r, disc, dv, g_aug))
     return memory.residual_bytes(gen_loss, params, z, x, frozen_tree['lpips'], dv,
                                  exclude=(frozen_tree['lpips'], dv))
 
@@ -588,7 +593,7 @@ def _stage1_plan_parts(c, dtype):
     batch = {'image': jax.ShapeDtypeStruct((gb, img, img, 3), jnp.uint8,
                                            sharding=mesh_lib.batch_sharding(mesh))}
     s = p32.settings
-    return _compiled_bytes(step._build((s.lpips_on, s.gan_on, s.gan_on)).lower(  # pylint: disable=protected-access
+    return _compiled_bytes(step.for_phase((s.lpips_on, s.gan_on, s.gan_on)).lower(
         state_lib.abstract_state(abstract, shardings), batch,
         _with_shardings(frozen_tree, frozen_sh), None))
   return state, acts, frozen, compiled

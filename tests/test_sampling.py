@@ -134,11 +134,32 @@ def tiny_ditdh():
   return apply_fn, params, dict(np.load(ref_dir / "ditdh_tiny.io.npz"))
 
 
+def _sampler(tr, apply_fn, *, mode="ODE", guidance=None, scale=1.0, null_class=None,
+             **sampler_kwargs):
+  """The production path (pipeline/generate.py): make_model_fn -> sampling.sample, jitted."""
+  @jax.jit
+  def sample(params, x, y, key=None, guide_params=None):
+    model_fn = S.make_model_fn(apply_fn, params, y, guidance=guidance, scale=scale,
+                               null_class=null_class, guide_params=guide_params)
+    return S.sample(tr, model_fn, x, mode=mode, key=key, **sampler_kwargs)
+  return sample
+
+
+def test_method_names_map_to_steps_and_unknown_names_fail():
+  assert set(S.SDE_METHODS) == set(S.SDE_STEPS) and set(S.ODE_STEPS) < set(S.ODE_METHODS)
+  tr = T.create_transport(time_dist_shift=2.0)
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="sampling_method 'milstein' unknown"):
+    S.sample(tr, linear_field, x, mode="SDE", key=jax.random.key(0), sampling_method="milstein")
+  with pytest.raises(ValueError, match="sampler mode 'DDIM' unknown"):
+    S.sample(tr, linear_field, x, mode="DDIM")
+
+
 @pytest.mark.parametrize("method", ["euler", "heun2"])
 def test_ode_matches_reference_ditdh(tiny_ditdh, method):
   apply_fn, params, io = tiny_ditdh
   tr = T.create_transport("Linear", "velocity", time_dist_type="uniform", time_dist_shift=2.0)
-  sample = S.make_sampler(tr, apply_fn, sampling_method=method, num_steps=8)
+  sample = _sampler(tr, apply_fn, sampling_method=method, num_steps=8)
   noise = io["ode_noise"].transpose(0, 2, 3, 1)  # NCHW at the boundary
   out = np.asarray(sample(params, noise, io["ode_y"].astype(np.int32)))
   err = rel_err(out.transpose(0, 3, 1, 2), io[f"ode_{method}_8"])
@@ -150,12 +171,12 @@ def test_guidance_scale_one_is_plain_sampling(tiny_ditdh):
   tr = T.create_transport(time_dist_shift=2.0)
   noise = io["ode_noise"].transpose(0, 2, 3, 1)
   y = io["ode_y"].astype(np.int32)
-  plain = np.asarray(S.make_sampler(tr, apply_fn, sampling_method="euler", num_steps=4)(
+  plain = np.asarray(_sampler(tr, apply_fn, sampling_method="euler", num_steps=4)(
       params, noise, y))
-  cfg = S.make_sampler(tr, apply_fn, guidance="cfg", scale=1.0, null_class=10,
-                       sampling_method="euler", num_steps=4)
-  auto = S.make_sampler(tr, apply_fn, guidance="autoguidance", scale=1.0,
-                        sampling_method="euler", num_steps=4)
+  cfg = _sampler(tr, apply_fn, guidance="cfg", scale=1.0, null_class=10,
+                 sampling_method="euler", num_steps=4)
+  auto = _sampler(tr, apply_fn, guidance="autoguidance", scale=1.0,
+                  sampling_method="euler", num_steps=4)
   np.testing.assert_array_equal(np.asarray(cfg(params, noise, y)), plain)
   np.testing.assert_array_equal(np.asarray(auto(params, noise, y, guide_params=params)), plain)
 

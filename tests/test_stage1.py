@@ -277,7 +277,7 @@ def test_sharded_step_never_gathers_the_global_batch(lpips_dir, scan):
                                   sharding=mesh_lib.batch_sharding(mesh))
     fro = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                        frozen, frozen_sh)
-    hlo = step._build((True, True, True)).lower(
+    hlo = step.for_phase((True, True, True)).lower(
         state_lib.abstract_state(abstract, shardings), {"image": images}, fro, None).compile(
             compiler_options={"xla_backend_optimization_level": 0}).as_text()
     types = re.findall(r"= (\w+\[([\d,]*)\])\S* all-gather(?:-start)?\(", hlo)
@@ -302,3 +302,56 @@ def test_memory_check_at_start_names_the_fields(lpips_dir):
   with pytest.raises(MemoryError, match="decoder.remat"):
     stage1.check_step_memory(c, rae, parts, abstract, shardings, frozen, mesh,
                              limit=est["total"])
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_grad_accum_two_half_batches_equal_the_full_batch(lpips_dir, gan):
+  """stage1.grad_accum_steps=2 with the same draws as one full batch: the same update within
+  float32 rounding (every phase term on; with the GAN, the adaptive weight comes from the whole
+  batch's last-layer gradients, and the D update runs once on the whole batch). The decoder's
+  optimizer is plain SGD here, so its new weights are the gradient itself (AdamW's first step is
+  the gradient's sign, which rounding flips where a gradient is ~0)."""
+  import dataclasses
+  import optax
+  from rae_jax.pipeline import builders
+  from rae_jax.train import mesh as mesh_lib
+  from rae_jax.train import state as state_lib
+  c = tiny_config(lpips_dir, N_STEPS)
+  c.stage1.loss.lpips_start = c.stage1.loss.disc_start = c.stage1.loss.disc_upd_start = 0.0
+  c.stage1.disc.enabled = gan
+  rae, rae_vars = builders.build_rae(c, "", with_stats=False)
+  parts = stage1.build_parts(c, c.data.synthetic_size)
+  parts.sched = dataclasses.replace(parts.sched, tx=optax.sgd(1.0))
+  key = jax.random.PRNGKey(0)
+  frozen = {"encoder": rae_vars["encoder"], "lpips": stage1.load_lpips_folder(lpips_dir)}
+  extra = {}
+  if gan:
+    frozen["dino"] = stage1.frozen_dino_params(parts.disc, c.stage1.disc, key)
+    extra = stage1.disc_extra_init(parts.disc, parts.disc_sched.tx)(key)
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  rep = mesh_lib.replicated(mesh)
+  frozen = jax.device_put(frozen, rep)
+  b = c.stage1.global_batch_size
+  images = np.random.default_rng(0).integers(0, 256, (b, 16, 16, 3), dtype=np.uint8)
+  batch = jax.device_put({"image": images}, mesh_lib.batch_sharding(mesh))
+  h, w, ch = rae.latent_shape
+  draws = stage1.draw_stage1(jax.random.PRNGKey(3), b, (h * w, ch), parts.settings.disc_updates)
+  out = []
+  for accum in (1, 2):
+    c.stage1.grad_accum_steps = accum
+    state = host(state_lib.create_train_state(rae.init_decoder(key), parts.sched.tx, key, extra))
+    shardings = state_lib.state_shardings(jax.eval_shape(lambda: state), mesh)
+    step = stage1.make_step(c, rae, parts, shardings, mesh, jax.tree.map(lambda _: rep, frozen))
+    new, metrics = step(jax.device_put(state, shardings), batch, frozen, draws)
+    out.append((host(metrics), host(new)))
+  (m1, s1), (m2, s2) = out
+  assert set(m1) == set(m2) and ({"g_loss", "d_weight", "d_loss"} <= set(m1)) == gan, sorted(m1)
+  for k in m1:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=2e-6, atol=1e-7, err_msg=k)
+  init = host(rae.init_decoder(jax.random.PRNGKey(0)))
+  grads1, grads2 = (jax.tree.map(np.subtract, init, s.params) for s in (s1, s2))
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))
+  for g1, g2 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2)):
+    np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-6 * scale)
+  for e1, e2 in zip(jax.tree.leaves(s1.extra), jax.tree.leaves(s2.extra)):  # the D update
+    np.testing.assert_allclose(e2, e1, rtol=1e-5, atol=1e-6)

@@ -15,11 +15,6 @@ import numpy as np
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "stripes")
 
 
-def class_colour(label: int, num_classes: int) -> np.ndarray:
-  """Evenly spaced hues, saturated and bright: the class's signature colour in [0,1]^3."""
-  return np.asarray(colorsys.hsv_to_rgb(label / num_classes, 0.85, 0.95), np.float32)
-
-
 def _mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
   """Shape mask on centred coordinates (u right, v down), half-size r."""
   if shape == "disk":

@@ -2,9 +2,14 @@
 
 A sampler takes `model_fn(x, t) -> model output` (t a (B,) float32 array; velocity for the RAE
 default), so labels and guidance are bound outside (`make_model_fn`). The functions are pure and
-trace into whatever `jax.jit` encloses them; `make_sampler` builds that jitted function with the
-parameters as arguments (never baked in as constants). Batches may be sharded: every per-step
-operation is elementwise or a global reduction, so GSPMD keeps the input sharding.
+trace into whatever `jax.jit` encloses them (the caller passes parameters as arguments, never baked
+in as constants); `sample` picks ODE or SDE from the config's mode, the one path generation and the
+tests take. Batches may be sharded: every per-step operation is elementwise or a global reduction,
+so GSPMD keeps the input sharding.
+
+A method name maps to its step in `ODE_STEPS` / `SDE_STEPS` (dopri5, adaptive, is its own loop);
+a name in neither fails naming the known ones. A new fixed-grid method is one step function and
+one entry.
 
 Time grids follow the reference exactly: 1 - linspace(t0, t1, num_steps) pushed through the shift,
 i.e. from t = 1 (noise) to shift(1/1000) for the velocity ODE.
@@ -20,8 +25,6 @@ import numpy as np
 from rae_jax.diffusion.transport import Transport, expand_t, time_shift
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-ODE_METHODS = ("euler", "heun2", "dopri5")
-SDE_METHODS = ("euler", "heun")
 LAST_STEPS = ("Mean", "Tweedie", "Euler", None)
 
 
@@ -151,6 +154,23 @@ def _dopri5(f, x, grid, *, atol, rtol, max_steps, return_trajectory):
   return jnp.where(d * (grid[-1] - t) > 0, jnp.nan, x_end)
 
 
+def _ode_euler(velocity, x, t0, t1):
+  return x + (t1 - t0) * velocity(x, t0)
+
+
+def _ode_heun2(velocity, x, t0, t1):
+  dt = t1 - t0
+  k1 = velocity(x, t0)
+  k2 = velocity(x + dt * k1, t1)
+  return x + dt * (0.5 * k1 + 0.5 * k2)
+
+
+# Fixed-grid ODE steps: step(velocity, x, t0, t1) -> x at t1 (torchdiffeq's names).
+ODE_STEPS = {"euler": _ode_euler, "heun2": _ode_heun2}
+ODE_ALIASES = {"heun": "heun2"}
+ODE_METHODS = tuple(ODE_STEPS) + ("dopri5",)
+
+
 def sample_ode(transport: Transport, model_fn: ModelFn, x: jax.Array, *,
                sampling_method: str = "dopri5", num_steps: int = 50, atol: float = 1e-6,
                rtol: float = 1e-3, reverse: bool = False, return_trajectory: bool = False,
@@ -163,28 +183,20 @@ def sample_ode(transport: Transport, model_fn: ModelFn, x: jax.Array, *,
   point, or with return_trajectory the (num_steps, *x.shape) values at the grid points (first =
   x), like odeint.
   """
-  method = sampling_method.lower()
+  method = ODE_ALIASES.get(sampling_method.lower(), sampling_method.lower())
+  if method not in ODE_METHODS:
+    raise ValueError(f"sampling_method {sampling_method!r} unknown; expected one of {ODE_METHODS}")
   grid = ode_time_grid(transport, num_steps, reverse=reverse)
 
   def velocity(x, t):
     tb = _times(t, x)
     return transport.velocity(model_fn(x, tb), x, tb)
 
-  if method == "euler":
-    def step(x, t0, t1):
-      return x + (t1 - t0) * velocity(x, t0)
-  elif method in ("heun2", "heun"):
-    def step(x, t0, t1):
-      dt = t1 - t0
-      k1 = velocity(x, t0)
-      k2 = velocity(x + dt * k1, t1)
-      return x + dt * (0.5 * k1 + 0.5 * k2)
-  elif method == "dopri5":
+  if method == "dopri5":
     return _dopri5(velocity, x, grid, atol=atol, rtol=rtol, max_steps=max_steps,
                    return_trajectory=return_trajectory)
-  else:
-    raise ValueError(f"sampling_method {sampling_method!r} unknown; expected one of {ODE_METHODS}")
-  return _scan_grid(step, x, grid, return_trajectory)
+  step = ODE_STEPS[method]
+  return _scan_grid(lambda x, t0, t1: step(velocity, x, t0, t1), x, grid, return_trajectory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +222,27 @@ def _noise(key, i, x, batched):
   return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
 
 
+def _sde_euler(terms, diffusion, x, dw, t_cur, t_next, h):
+  """Euler-Maruyama."""
+  del diffusion, t_next
+  _, drift, diff = terms(x, t_cur)
+  return x - drift * h + jnp.sqrt(2 * diff) * dw
+
+
+def _sde_heun(terms, diffusion, x, dw, t_cur, t_next, h):
+  """Stochastic Heun: noise first, then a Heun step of the drift."""
+  xhat = x + jnp.sqrt(2 * diffusion(x, t_cur)) * dw
+  k1 = terms(xhat, t_cur)[1]
+  k2 = terms(xhat - h * k1, t_next)[1]
+  return xhat - 0.5 * h * (k1 + k2)
+
+
+# SDE steps: step(terms, diffusion, x, dw, t_cur, t_next, h) -> x at t_next, where
+# terms(x, t) = (velocity, drift v - D score, D) from one model call and diffusion(x, t) = D.
+SDE_STEPS = {"euler": _sde_euler, "heun": _sde_heun}
+SDE_METHODS = tuple(SDE_STEPS)
+
+
 def sample_sde(transport: Transport, model_fn: ModelFn, x: jax.Array, key: jax.Array, *,
                sampling_method: str = "euler", diffusion_form: str = "SBDM",
                diffusion_norm: float = 1.0, last_step: Optional[str] = "Mean",
@@ -226,7 +259,7 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: jax.Array, key: jax.A
   (num_steps, *x.shape) list of step outputs (the reference's list: no initial point).
   """
   method = sampling_method.lower()
-  if method not in SDE_METHODS:
+  if method not in SDE_STEPS:
     raise ValueError(f"sampling_method {sampling_method!r} unknown; expected one of {SDE_METHODS}")
   if isinstance(last_step, str) and last_step.lower() == "none":
     last_step = None
@@ -254,15 +287,9 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: jax.Array, key: jax.A
     t_cur, t_next = inp
     h = t_cur - t_next
     dw = _noise(key, i, x, batched) * jnp.sqrt(h)
-    if method == "euler":
-      _, drift, diff = terms(x, t_cur)
-      x = x - drift * h + jnp.sqrt(2 * diff) * dw
-    else:
-      diff = path.diffusion(x, expand_t(_times(t_cur, x), x), diffusion_form, diffusion_norm)
-      xhat = x + jnp.sqrt(2 * diff) * dw
-      k1 = terms(xhat, t_cur)[1]
-      k2 = terms(xhat - h * k1, t_next)[1]
-      x = xhat - 0.5 * h * (k1 + k2)
+    diffusion = lambda x, t: path.diffusion(x, expand_t(_times(t, x), x), diffusion_form,  # noqa: E731
+                                            diffusion_norm)
+    x = SDE_STEPS[method](terms, diffusion, x, dw, t_cur, t_next, h)
     return (x, i + 1), (x if return_trajectory else None)
 
   grid_j = jnp.asarray(grid)
@@ -325,25 +352,16 @@ def make_model_fn(apply_fn: Callable, params, y: jax.Array, *, guidance: Optiona
   raise ValueError(f"guidance {guidance!r} unknown; expected None, 'cfg' or 'autoguidance'")
 
 
-def make_sampler(transport: Transport, apply_fn: Callable, *, mode: str = "ODE",
-                 guidance: Optional[str] = None, scale: float = 1.0,
-                 interval: Sequence[float] = (0.0, 1.0), null_class: Optional[int] = None,
-                 guide_apply_fn: Optional[Callable] = None, **sampler_kwargs) -> Callable:
-  """Jitted `sample(params, x, y, key=None, guide_params=None)`; sampler_kwargs are those of
-  sample_ode / sample_sde (the reference's sampler `params`, e.g. sampling_method, num_steps)."""
+def sample(transport: Transport, model_fn: ModelFn, x: jax.Array, *, mode: str = "ODE",
+           key: Optional[jax.Array] = None, **sampler_kwargs) -> jax.Array:
+  """`sample_ode` or `sample_sde` by mode (the config's sampler.mode); sampler_kwargs are theirs
+  (the reference's sampler `params`, e.g. sampling_method, num_steps). SDE needs `key` (one, or one
+  per example)."""
   mode = mode.upper()
-  if mode not in ("ODE", "SDE"):
+  if mode == "ODE":
+    return sample_ode(transport, model_fn, x, **sampler_kwargs)
+  if mode != "SDE":
     raise ValueError(f"sampler mode {mode!r} unknown; expected 'ODE' or 'SDE'")
-
-  @jax.jit
-  def sample(params, x, y, key=None, guide_params=None):
-    model_fn = make_model_fn(apply_fn, params, y, guidance=guidance, scale=scale,
-                             interval=interval, null_class=null_class,
-                             guide_apply_fn=guide_apply_fn, guide_params=guide_params)
-    if mode == "ODE":
-      return sample_ode(transport, model_fn, x, **sampler_kwargs)
-    if key is None:
-      raise ValueError("SDE sampling needs a PRNG key")
-    return sample_sde(transport, model_fn, x, key, **sampler_kwargs)
-
-  return sample
+  if key is None:
+    raise ValueError("SDE sampling needs a PRNG key")
+  return sample_sde(transport, model_fn, x, key, **sampler_kwargs)

@@ -1,15 +1,11 @@
 """Stage 1: the RAE decoder on tau-noised latents of the frozen encoder (official train_stage1.py).
 
-Generator (decoder) loss, images in [0, 1] for L1 and in [-1, 1] for LPIPS and the discriminator:
-  rec   = l1_weight * |x_hat - x|  +  perceptual_weight * LPIPS(x_hat, x)        [LPIPS from lpips_start]
-  total = rec + disc_weight * d_weight * G(D(DiffAug(x_hat)))                    [from disc_start]
-  d_weight = ||d rec / dW|| / (||d G / dW|| + 1e-6), clamped to [0, max_d_weight], W = the decoder's
-  last layer (decoder_pred kernel), as the official `calculate_adaptive_weight`.
-Discriminator (DINO heads, own AdamW + schedule), from disc_upd_start, disc_updates times per step:
-  fakes = 8-bit-quantised reconstructions of the *updated* decoder without latent noise (the reference
-  switches the RAE to eval mode), DiffAug drawn independently for fakes and reals, hinge/vanilla loss,
-  one spectral-norm power iteration per D call. The D update runs after the generator update, in the
-  same jitted step. EMA of the decoder after every generator update.
+The losses (L1 + LPIPS + the DINO-discriminator GAN term with its adaptive weight, and the
+discriminator update) are `losses/decoder_loss.py`; this module turns the config into their
+settings and phase switches, builds the frozen loss networks, and runs them on the shared
+train-step core (`train/step.py`). Discriminator fakes are 8-bit-quantised reconstructions of the
+*updated* decoder without latent noise (the reference switches the RAE to eval mode); the D update
+runs after the generator update, in the same jitted step; EMA of the decoder after every update.
 
 State: TrainState.params / ema_params / opt_state are the decoder's; state.extra holds the trainable
 discriminator heads ('disc'), their spectral-norm vectors ('spectral'), the D optimizer state
@@ -23,7 +19,7 @@ import dataclasses
 import functools
 import glob
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +29,13 @@ import optax
 from absl import logging
 
 from rae_jax import data as data_lib
+from rae_jax import storage
 from rae_jax.config_checks import ConfigError
+from rae_jax.losses import decoder_loss
 from rae_jax.losses import gan as gan_lib
-from rae_jax.losses.diffaug import apply_diffaug, diffaug_draws
-from rae_jax.losses.discriminator import DinoDiscriminator, DiscHead, classify_pair
+from rae_jax.losses.decoder_loss import LossSettings
+from rae_jax.losses.diffaug import diffaug_draws
+from rae_jax.losses.discriminator import DinoDiscriminator, DiscHead
 from rae_jax.losses.lpips import LPIPS
 from rae_jax.losses.spectral_norm import SPECTRAL
 from rae_jax.models.rae import draw_latent_noise
@@ -44,13 +43,11 @@ from rae_jax.pipeline import builders, common, images
 from rae_jax.train import loop as loop_lib
 from rae_jax.train import memory as memory_lib
 from rae_jax.train import mesh as mesh_lib
-from rae_jax.train.ema import ema_update
+from rae_jax.train import step as step_lib
 from rae_jax.train.state import TrainState, init_train_state
-from rae_jax.train.step import images_to_unit_float
 
 LPIPS_LIN_FILE = "vgg.pth"
 LPIPS_VGG_GLOB = "vgg16*.pth"
-LAST_LAYER = ("decoder_pred", "kernel")
 POS_EMBED = "decoder_pos_embed"
 
 
@@ -58,28 +55,11 @@ POS_EMBED = "decoder_pos_embed"
 # Config -> loss settings and phase schedule
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSettings:
-  """Static loss constants (hashable: they are baked into the compiled step)."""
-  l1_weight: float = 1.0
-  perceptual_weight: float = 0.0
-  disc_weight: float = 0.0
-  max_d_weight: float = 1e4
-  disc_updates: int = 1
-  disc_loss: str = "hinge"
-  gen_loss: str = "vanilla"
-  aug_prob: float = 1.0
-  cutout: float = 0.0
-  noise_tau: float = 0.8
-  train_pos_embed: bool = True
-
-  @property
-  def lpips_on(self) -> bool:
-    return self.perceptual_weight > 0.0
-
-  @property
-  def gan_on(self) -> bool:
-    return self.disc_weight > 0.0
+class Phase(NamedTuple):
+  """Which terms one compiled stage-1 step has: LPIPS, the GAN term, the D update."""
+  lpips: bool
+  gan: bool
+  disc_update: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +84,10 @@ class Phases:
                disc_start=steps(loss.get("disc_upd_start", loss.disc_start)),
                lpips_on=settings.lpips_on, gan_on=settings.gan_on)
 
-  def at(self, step: int) -> tuple[bool, bool, bool]:
-    """(use_lpips, use_gan, train_disc) for the update that starts at `step` (host int)."""
-    return (self.lpips_on and step >= self.lpips_start, self.gan_on and step >= self.gan_start,
-            self.gan_on and step >= self.disc_start)
+  def at(self, step: int) -> Phase:
+    """The phase of the update that starts at `step` (host int)."""
+    return Phase(self.lpips_on and step >= self.lpips_start, self.gan_on and step >= self.gan_start,
+                 self.gan_on and step >= self.disc_start)
 
 
 def loss_settings(config: mlc.ConfigDict) -> LossSettings:
@@ -169,6 +149,11 @@ def load_lpips_folder(folder: str) -> dict:
   """
   from rae_jax.interop.lpips_weights import load_lpips_params
   field = "config.stage1.loss.lpips_weights"
+  if storage.is_remote(folder):  # gs://: read through a local temporary copy
+    if not storage.isdir(folder):
+      raise ConfigError(f"{field}={folder!r} is not a folder")
+    with storage.local_dir(folder) as local:
+      return load_lpips_folder(local)
   if not os.path.isdir(folder):
     raise ConfigError(f"{field}={folder!r} is not a folder (expected one holding "
                       f"'vgg16-397923af.pth' and '{LPIPS_LIN_FILE}')")
@@ -209,9 +194,10 @@ def frozen_dino_params(disc: DinoDiscriminator, d_cfg: mlc.ConfigDict, key: jax.
     return jax.jit(lambda k: disc.init(k, _dummy_image())["params"]["dino"])(key)
   from rae_jax.interop.dino_weights import disc_variables_from_torch, load_dino_checkpoint
   path = d_cfg.dino_ckpt_path
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(f"config.stage1.disc.dino_ckpt_path={path!r}: file not found")
-  variables = disc_variables_from_torch(disc, load_dino_checkpoint(path), rng=key, source=path)
+  with storage.local_copy(path) as local:  # gs://: a local temporary copy
+    variables = disc_variables_from_torch(disc, load_dino_checkpoint(local), rng=key, source=path)
   return variables["params"]["dino"]
 
 
@@ -241,13 +227,6 @@ def disc_extra_init(disc: DinoDiscriminator, disc_tx: optax.GradientTransformati
   return init
 
 
-def _disc_variables(dino, heads, spectral) -> dict:
-  variables = {"params": {"dino": dino, **heads}}
-  if spectral:
-    variables[SPECTRAL] = spectral
-  return variables
-
-
 # --------------------------------------------------------------------------------------------
 # The train step
 
@@ -264,23 +243,29 @@ class Stage1Step:
   only when a state it did not produce comes in (start, resume), so the hot loop never syncs.
   """
 
-  def __init__(self, build: Callable[[tuple[bool, bool, bool]], Callable], phases: Phases):
+  def __init__(self, build: Callable[[Phase], step_lib.TrainStep], phases: Phases):
     self._build = build
     self.phases = phases
-    self.variants: dict[tuple[bool, bool, bool], Callable] = {}
+    self.variants: dict[Phase, step_lib.TrainStep] = {}
     self._last: Optional[TrainState] = None
     self._host_step = 0
+
+  def for_phase(self, phase: Sequence[bool], step: int = -1) -> step_lib.TrainStep:
+    """The step of one phase (built once): call it, or `.lower(state, batch, frozen, draws)` it
+    to inspect the compiled program (tests, bench)."""
+    phase = Phase(*phase)
+    fn = self.variants.get(phase)
+    if fn is None:
+      logging.info("stage 1: compiling the step for phase lpips=%s gan=%s disc_update=%s (step %d)",
+                   *phase, step)
+      fn = self.variants[phase] = self._build(phase)
+    return fn
 
   def __call__(self, state: TrainState, batch: Any, frozen: Any, draws: Any = None):
     """One update; `draws` (see `draw_stage1`) replaces the draws made from the step key."""
     if state is not self._last:
       self._host_step = int(jax.device_get(state.step))
-    phase = self.phases.at(self._host_step)
-    fn = self.variants.get(phase)
-    if fn is None:
-      logging.info("stage 1: compiling the step for phase lpips=%s gan=%s disc_update=%s (step %d)",
-                   *phase, self._host_step)
-      fn = self.variants[phase] = self._build(phase)
+    fn = self.for_phase(self.phases.at(self._host_step), self._host_step)
     state, metrics = fn(state, batch, frozen, draws)
     self._host_step += 1
     self._last = state
@@ -305,14 +290,32 @@ def draw_stage1(key: jax.Array, batch_size: int, token_shape: tuple, disc_update
           "d_aug": {"fake": aug(k_fake), "real": aug(k_real)}}
 
 
+def split_stage1_draws(draws: dict, accum_steps: int, batch_sharding) -> dict:
+  """Given draws (as `draw_stage1` makes them) -> micro-batch draws of the generator update
+  (leading axis accum_steps, rows strided like the batch); the discriminator's `d_aug` stays
+  with the whole batch (`after_update`)."""
+  g_aug = draws["g_aug"]
+  rand01 = jnp.moveaxis(step_lib.split_micro(jnp.moveaxis(g_aug["rand01"], 1, 0), accum_steps,
+                                             batch_sharding), 1, 2)  # (accum, 7, B/accum, 1, 1)
+  return {"latent_noise": step_lib.split_micro(draws["latent_noise"], accum_steps, batch_sharding),
+          "g_aug": {"u": jnp.broadcast_to(g_aug["u"], (accum_steps,) + g_aug["u"].shape),
+                    "rand01": rand01}}
+
+
 def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: optax.GradientTransformation,
                      gen_lr: optax.Schedule, ema_decay: float, state_shardings: TrainState,
                      batch_sharding, frozen_shardings: Any,
                      disc: Optional[DinoDiscriminator] = None,
                      disc_tx: Optional[optax.GradientTransformation] = None,
-                     disc_lr: Optional[optax.Schedule] = None, donate: bool = True) -> Stage1Step:
-  """The stage-1 step. frozen = {'encoder', 'lpips' (if LPIPS is on), 'dino' (if the GAN is on)};
-  batch = {'image': (B, H, W, 3) in [0, 1]}; draws (optional) as `draw_stage1` makes them.
+                     disc_lr: Optional[optax.Schedule] = None, donate: bool = True,
+                     accum_steps: int = 1) -> Stage1Step:
+  """The stage-1 step, on the shared train-step core (`train/step.py`: micro-batch accumulation,
+  optimizer, EMA, donation). frozen = {'encoder', 'lpips' (if LPIPS is on), 'dino' (if the GAN is
+  on)}; batch = {'image': (B, H, W, 3) in [0, 1]}; draws (optional) as `draw_stage1` makes them.
+
+  With accum_steps > 1 the generator update runs over micro-batches (the adaptive GAN weight from
+  the whole batch's last-layer gradients: each term's gradient is accumulated apart and combined
+  once); the discriminator update sees the whole batch (its gradient keeps no decoder activations).
 
   Metrics (replicated scalars): loss, l1, grad_norm, lr; with LPIPS: lpips; with the GAN: g_loss,
   d_weight, d_loss, disc_acc, logits_real, logits_fake, d_lr (zeros while a term is not active, so
@@ -320,133 +323,82 @@ def make_stage1_step(rae, settings: LossSettings, phases: Phases, *, gen_tx: opt
   """
   if settings.gan_on and (disc is None or disc_tx is None):
     raise ValueError("make_stage1_step: the GAN term needs `disc` and `disc_tx`")
-  lpips = LPIPS() if settings.lpips_on else None
-  d_loss_fn, g_loss_fn = (gan_lib.select_gan_losses(settings.disc_loss, settings.gen_loss)
-                          if settings.gan_on else (None, None))
+  lpips_net = LPIPS() if settings.lpips_on else None
   s = settings
   zero = jnp.zeros((), jnp.float32)
   h, w, c = rae.latent_shape
   token_shape = (h * w, c)
 
-  def augment(draws, x):
-    return apply_diffaug(x, draws, s.aug_prob, s.cutout)
+  def draw(key, batch):
+    return draw_stage1(key, batch["image"].shape[0], token_shape, s.disc_updates)
 
-  def step(state: TrainState, batch: Any, frozen: Any, draws: Any, *, use_lpips: bool,
-           use_gan: bool, train_disc: bool):
-    x = images_to_unit_float(batch)["image"].astype(jnp.float32)  # uint8 on the wire
-    real = x * 2.0 - 1.0
-    if draws is None:
-      draws = draw_stage1(jax.random.fold_in(state.rng, state.step), x.shape[0], token_shape,
-                          s.disc_updates)
-    enc = {"encoder": frozen["encoder"]}
-    z = rae.encode(enc, x, noise_tau=s.noise_tau, noise=draws["latent_noise"])
-
-    # One decoder forward; its VJP gives the last-layer gradients of each loss term (XLA keeps only
-    # the decoder_pred part of those two pullbacks) and then the full gradient of the total.
-    recon, pullback = jax.vjp(lambda p: rae.decode({"decoder": p}, z), state.params)
-
-    def rec_loss(xh):
-      l1 = gan_lib.l1_loss(xh, x)
-      aux = {"l1": l1}
-      total = s.l1_weight * l1
-      if use_lpips:
-        lp = lpips.apply({"params": frozen["lpips"]}, xh * 2.0 - 1.0, real)
-        total = total + s.perceptual_weight * lp
-        aux["lpips"] = lp
-      return total, aux
-
-    (rec, aux), g_rec = jax.value_and_grad(rec_loss, has_aux=True)(recon)
-    metrics = {"l1": aux["l1"]}
-    if s.lpips_on:
-      metrics["lpips"] = aux.get("lpips", zero)
-    extra = state.extra
-    if use_gan:
-      d_vars = _disc_variables(frozen["dino"], extra["disc"], extra.get("spectral"))
-
-      def gan_loss(xh):  # D in eval mode: stored spectral vectors, as the reference's disc.eval()
-        return g_loss_fn(disc.apply(d_vars, augment(draws["g_aug"], xh * 2.0 - 1.0)))
-
-      g_val, g_gan = jax.value_and_grad(gan_loss)(recon)
-
-      def last_layer(g):
-        grads = pullback(g)[0]
-        for name in LAST_LAYER:
-          grads = grads[name]
-        return grads
-      d_weight = gan_lib.adaptive_weight_from_grads(last_layer(g_rec), last_layer(g_gan),
-                                                    s.max_d_weight)
-      scale = s.disc_weight * d_weight
-      g_img = g_rec + scale * g_gan
-      loss = rec + scale * g_val
-    else:
-      g_val, d_weight, g_img, loss = zero, zero, g_rec, rec
-    grads = pullback(g_img)[0]
-    if not s.train_pos_embed:  # frozen sin-cos table: no gradient, no Adam state, no decay
-      grads = {**grads, POS_EMBED: jnp.zeros_like(grads[POS_EMBED])}
-    grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
-    updates, opt_state = gen_tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if not s.train_pos_embed:
-      params = {**params, POS_EMBED: state.params[POS_EMBED]}
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=jnp.asarray(gen_lr(state.step), jnp.float32))
-    if s.gan_on:
-      metrics.update(g_loss=g_val, d_weight=d_weight)
-
-    if train_disc:
-      # Reference: a fresh forward of the updated RAE in eval mode (no latent noise), quantised.
-      z_clean = rae.encode(enc, x)
-      fake = jax.lax.stop_gradient(
-          gan_lib.quantize_pm1(rae.decode({"decoder": params}, z_clean) * 2.0 - 1.0))
-
-      def d_update(carry, aug):
-        heads, spectral, d_opt, count = carry
-
-        def d_loss(hp):
-          lf, lr, new_vars = classify_pair(disc, _disc_variables(frozen["dino"], hp, spectral),
-                                           augment(aug["fake"], fake), augment(aug["real"], real),
-                                           train=True)
-          out = (new_vars.get(SPECTRAL, {}), gan_lib.disc_accuracy(lr, lf), jnp.mean(lr),
-                 jnp.mean(lf))
-          return d_loss_fn(lr, lf), out
-
-        (dl, (spectral, acc, m_real, m_fake)), g = jax.value_and_grad(d_loss, has_aux=True)(heads)
-        upd, d_opt = disc_tx.update(g, d_opt, heads)
-        heads = optax.apply_updates(heads, upd)
-        # The D scheduler is stepped after each D update only: its clock is the D-update count.
-        lr_now = jnp.asarray(disc_lr(count), jnp.float32) if disc_lr is not None else zero
-        m = dict(d_loss=dl, disc_acc=acc, logits_real=m_real, logits_fake=m_fake, d_lr=lr_now)
-        return (heads, spectral, d_opt, count + 1), m
-
-      carry = (extra["disc"], extra.get("spectral", {}), extra["disc_opt"], extra["disc_step"])
-      d_aug = draws["d_aug"]
-      if s.disc_updates == 1:  # the official recipe; no loop to compile
-        (heads, spectral, d_opt, count), d_ms = d_update(carry, jax.tree.map(lambda a: a[0], d_aug))
-        d_ms = jax.tree.map(lambda v: v[None], d_ms)
-      else:
-        (heads, spectral, d_opt, count), d_ms = jax.lax.scan(d_update, carry, d_aug)
-      extra = {**extra, "disc": heads, "disc_opt": d_opt, "disc_step": count}
-      if spectral:
-        extra["spectral"] = spectral
-      metrics.update({k: v[-1] for k, v in d_ms.items()})  # the last update, as the reference logs
-    elif s.gan_on:
-      metrics.update(d_loss=zero, disc_acc=zero, logits_real=zero, logits_fake=zero, d_lr=zero)
-
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_update(state.ema_params, params, ema_decay),
-                              extra=extra)
-    return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-
-  replicated = mesh_lib.replicated(batch_sharding.mesh)
+  def no_pos_embed_grad(grads):  # frozen sin-cos table: no gradient, no Adam state, no decay
+    return grads if s.train_pos_embed else {**grads, POS_EMBED: jnp.zeros_like(grads[POS_EMBED])}
 
   def build(phase):
     use_lpips, use_gan, train_disc = phase
-    phase_step = functools.partial(step, use_lpips=use_lpips, use_gan=use_gan,
-                                   train_disc=train_disc)
-    return jax.jit(mesh_lib.traced_under(batch_sharding.mesh, phase_step),
-                   in_shardings=(state_shardings, batch_sharding, frozen_shardings, replicated),
-                   out_shardings=(state_shardings, replicated),
-                   donate_argnums=(0,) if donate else ())
+    in_parts = use_gan and accum_steps > 1  # the adaptive weight needs the whole batch
+
+    def grads_fn(params, batch, draws, frozen, extra):
+      x = batch["image"].astype(jnp.float32)
+      z = rae.encode({"encoder": frozen["encoder"]}, x, noise_tau=s.noise_tau,
+                     noise=draws["latent_noise"])
+      # One decoder forward; its VJP gives the last-layer gradients of each loss term (XLA keeps
+      # only the decoder_pred part of those two pullbacks) and then the gradient of the total.
+      recon, pullback = jax.vjp(lambda p: rae.decode({"decoder": p}, z), params)
+      lpips = (functools.partial(lpips_net.apply, {"params": frozen["lpips"]}) if use_lpips
+               else None)
+      gan_loss = None
+      if use_gan:
+        d_vars = decoder_loss.disc_variables(frozen["dino"], extra["disc"], extra.get("spectral"))
+        gan_loss = functools.partial(decoder_loss.gan_generator_loss, s, disc=disc,
+                                     d_vars=d_vars, g_aug=draws["g_aug"])
+      rec, aux, g_rec, g_val, g_gan = decoder_loss.generator_terms(s, recon, x, lpips=lpips,
+                                                                   gan_loss=gan_loss)
+      metrics = {"l1": aux["l1"]}
+      if s.lpips_on:
+        metrics["lpips"] = aux.get("lpips", zero)
+      back = lambda g: pullback(g)[0]  # noqa: E731
+      if in_parts:
+        metrics.update(g_loss=g_val)
+        return (rec, metrics), {"rec": back(g_rec), "gan": back(g_gan)}
+      if use_gan:
+        loss, g_img, d_weight = decoder_loss.combine_generator(
+            s, rec, g_val, g_rec, g_gan, decoder_loss.last_layer(back(g_rec)),
+            decoder_loss.last_layer(back(g_gan)))
+      else:
+        g_val, d_weight, g_img, loss = zero, zero, g_rec, rec
+      if s.gan_on:
+        metrics.update(g_loss=g_val, d_weight=d_weight)
+      return (loss, metrics), no_pos_embed_grad(back(g_img))
+
+    def finish_grads(rec, metrics, parts):
+      loss, grads, d_weight = decoder_loss.combine_generator(
+          s, rec, metrics["g_loss"], parts["rec"], parts["gan"],
+          decoder_loss.last_layer(parts["rec"]), decoder_loss.last_layer(parts["gan"]))
+      return loss, {**metrics, "d_weight": d_weight}, no_pos_embed_grad(grads)
+
+    def after_update(state, params, batch, draws, frozen):
+      if not s.train_pos_embed:
+        params = {**params, POS_EMBED: state.params[POS_EMBED]}
+      if not train_disc:
+        return params, state.extra, ({k: zero for k in decoder_loss.DISC_METRICS} if s.gan_on
+                                     else {})
+      # Reference: a fresh forward of the updated RAE in eval mode (no latent noise), quantised.
+      x = batch["image"].astype(jnp.float32)
+      z_clean = rae.encode({"encoder": frozen["encoder"]}, x)
+      fake = jax.lax.stop_gradient(
+          gan_lib.quantize_pm1(rae.decode({"decoder": params}, z_clean) * 2.0 - 1.0))
+      extra, metrics = decoder_loss.discriminator_update(
+          s, disc, disc_tx, disc_lr, frozen["dino"], state.extra, fake, x * 2.0 - 1.0,
+          draws["d_aug"])
+      return params, extra, metrics
+
+    return step_lib.make_train_step(
+        None, gen_tx, ema_decay, state_shardings, batch_sharding, accum_steps,
+        lr_schedule=gen_lr, frozen_shardings=frozen_shardings, draw_fn=draw, donate=donate,
+        grads_fn=grads_fn, finish_grads=finish_grads if in_parts else None,
+        split_draws=split_stage1_draws, after_update=after_update)
 
   return Stage1Step(build, phases)
 
@@ -475,6 +427,10 @@ def build_parts(config: mlc.ConfigDict, dataset_size: int) -> Stage1Parts:
                      common.optimizer(s1.disc.optim, dataset_size, s1.global_batch_size))
 
 
+def accum_steps(config: mlc.ConfigDict) -> int:
+  return int(config.stage1.get("grad_accum_steps", 1))
+
+
 def make_step(config: mlc.ConfigDict, rae, parts: Stage1Parts, shardings: TrainState, mesh,
               frozen_shardings: Any) -> Stage1Step:
   """The stage-1 step main.py runs (tests replay official trajectories through it)."""
@@ -483,7 +439,8 @@ def make_step(config: mlc.ConfigDict, rae, parts: Stage1Parts, shardings: TrainS
       rae, parts.settings, parts.phases, gen_tx=parts.sched.tx, gen_lr=parts.sched.lr,
       ema_decay=config.stage1.ema_decay, state_shardings=shardings,
       batch_sharding=mesh_lib.batch_sharding(mesh), frozen_shardings=frozen_shardings,
-      disc=parts.disc, disc_tx=d.tx if d else None, disc_lr=d.lr if d else None)
+      disc=parts.disc, disc_tx=d.tx if d else None, disc_lr=d.lr if d else None,
+      accum_steps=accum_steps(config))
 
 
 def check_step_memory(config: mlc.ConfigDict, rae, parts: Stage1Parts, abstract_state: TrainState,
@@ -492,33 +449,32 @@ def check_step_memory(config: mlc.ConfigDict, rae, parts: Stage1Parts, abstract_
   (train/memory.py: state, gradients, saved activations of decoder + L1 + LPIPS + the GAN term in
   its widest phase) exceeds the device's, naming the fields that reduce it. Returns the estimate."""
   s = parts.settings
-  gb = config.stage1.global_batch_size
+  micro = config.stage1.global_batch_size // accum_steps(config)
   h, w, c = rae.latent_shape
-  lpips = LPIPS() if s.lpips_on else None
-  g_loss_fn = gan_lib.select_gan_losses(s.disc_loss, s.gen_loss)[1] if s.gan_on else None
+  lpips_net = LPIPS() if s.lpips_on else None
 
-  def loss_fn(p, batch, draws, frz):
-    x = images_to_unit_float(batch)["image"].astype(jnp.float32)
+  def loss_fn(p, batch, draws, frz):  # the step's generator forward (decoder_loss)
+    x = step_lib.images_to_unit_float(batch)["image"].astype(jnp.float32)
     z = rae.encode({"encoder": frz["encoder"]}, x, noise_tau=s.noise_tau,
                    noise=draws["latent_noise"])
-    xh = rae.decode({"decoder": p}, z)
-    loss = jnp.mean(jnp.abs(xh - x), axis=(1, 2, 3))
-    if lpips is not None:
-      loss = loss + lpips.apply({"params": frz["lpips"]}, xh * 2 - 1, x * 2 - 1, reduction="none")
-    if g_loss_fn is not None:
-      d_vars = _disc_variables(frz["dino"], frz["disc"], frz.get("spectral"))
-      loss = loss + g_loss_fn(parts.disc.apply(
-          d_vars, apply_diffaug(xh * 2 - 1, draws["g_aug"], s.aug_prob, s.cutout)))
-    return loss, {}
+    lpips = functools.partial(lpips_net.apply, {"params": frz["lpips"]}) if lpips_net else None
+    gan_loss = None
+    if s.gan_on:
+      gan_loss = functools.partial(
+          decoder_loss.gan_generator_loss, s, disc=parts.disc, g_aug=draws["g_aug"],
+          d_vars=decoder_loss.disc_variables(frz["dino"], frz["disc"], frz.get("spectral")))
+    loss = decoder_loss.generator_objective(s, rae.decode({"decoder": p}, z), x, lpips=lpips,
+                                            gan_loss=gan_loss)
+    return jnp.broadcast_to(loss, (x.shape[0],)), {}
 
   def draw_fn(key, batch):
     return draw_stage1(key, batch["image"].shape[0], (h * w, c), s.disc_updates)
 
   frz = dict(frozen)
-  if g_loss_fn is not None:  # the heads train, but the GAN term reads them like frozen weights
+  if s.gan_on:  # the heads train, but the GAN term reads them like frozen weights
     frz.update(disc=abstract_state.extra["disc"], spectral=abstract_state.extra.get("spectral"))
   size = rae.image_size
-  batch = {"image": jax.ShapeDtypeStruct((gb, size, size, 3), np.uint8)}
+  batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), np.uint8)}
   est = memory_lib.check_train_step(loss_fn, draw_fn, abstract_state, shardings, batch, frz,
                                     batch_shards=mesh_lib.num_batch_shards(mesh), limit=limit,
                                     what="stage-1 train step")

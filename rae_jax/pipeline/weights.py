@@ -13,7 +13,6 @@ import shutil
 from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from rae_jax.atomic import recover_dir, replace_dir
@@ -60,10 +59,6 @@ def load_weights(workdir: str, stage: str, abstract: Optional[Any] = None) -> tu
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(os.path.abspath(os.path.join(d, "tree")), abstract)
   return tree, meta
-
-
-def to_host(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:

@@ -45,11 +45,6 @@ def fsdp_shardings(tree: Any, mesh: Mesh, *, axis: str = FSDP_AXIS, min_size: in
   return jax.tree.map(one, tree)
 
 
-def replicated_shardings(tree: Any, mesh: Mesh) -> Any:
-  """Everything replicated (small frozen modules, RNG keys, counters)."""
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that carry their target sharding (orbax restore, jit lowering)."""
   return jax.tree.map(

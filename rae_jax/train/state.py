@@ -95,6 +95,3 @@ def abstract_state(state_or_fn, shardings: TrainState, *args) -> TrainState:
   abstract = jax.eval_shape(state_or_fn, *args) if callable(state_or_fn) else state_or_fn
   return sharding_lib.abstract_with_shardings(abstract, shardings)
 
-
-def param_count(tree: Any) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))

@@ -28,6 +28,10 @@ from rae_jax.train.state import TrainState
 LossFn = Callable[..., tuple[jax.Array, dict]]
 # draw_fn(key, batch) -> draws (any pytree); the default passes the key itself as the draws
 DrawFn = Callable[[jax.Array, Any], Any]
+# grads_fn(params, batch, draws, frozen, extra) -> ((loss, aux scalars), grads): a loss whose
+# gradient is not plain autodiff of one scalar (stage 1's adaptive GAN weight); `grads` is a
+# params-shaped tree, or a dict of them ("parts") that `finish_grads` combines after accumulation
+GradsFn = Callable[..., tuple[tuple[jax.Array, dict], Any]]
 
 
 def _key_as_draws(key: jax.Array, batch: Any) -> jax.Array:
@@ -71,7 +75,7 @@ def _mean_aux(aux: dict) -> dict:
   return {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in aux.items()}
 
 
-def _split_micro(batch: Any, accum_steps: int, batch_sharding: NamedSharding) -> Any:
+def split_micro(batch: Any, accum_steps: int, batch_sharding: NamedSharding) -> Any:
   """(B, ...) -> (accum, B / accum, ...), micro-batch j = rows j, j + accum, ...
 
   Strided rows keep every micro-batch spread over all batch shards (no data movement when
@@ -94,21 +98,37 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     batch_sharding: NamedSharding, accum_steps: int = 1, *,
                     lr_schedule: Optional[optax.Schedule] = None,
                     frozen_shardings: Any = None, draw_fn: Optional[DrawFn] = None,
-                    donate: bool = True) -> TrainStep:
+                    donate: bool = True, grads_fn: Optional[GradsFn] = None,
+                    finish_grads: Optional[Callable] = None,
+                    split_draws: Optional[Callable] = None,
+                    after_update: Optional[Callable] = None) -> TrainStep:
   """Returns step(state, batch[, frozen][, draws]) -> (state, metrics), jitted with shardings.
 
   `frozen` (optional) is a pytree of non-trained arrays (e.g. the RAE encoder params) passed
   to loss_fn as a 4th argument; it is an argument rather than a closure so it is not baked into
   the executable as constants. `draws` (optional, replicated) replaces draw_fn's output; with
   gradient accumulation its leaves must be batch-leading (they are split like the batch).
-  Metrics: loss, grad_norm (before clipping), lr (if lr_schedule is given, the rate used by this
-  update) and the batch-mean of each aux entry.
+  Metrics (float32 scalars): loss, grad_norm (before clipping), lr (if lr_schedule is given,
+  the rate used by this update) and the batch-mean of each aux entry.
+
+  Losses that are more than autodiff of one scalar (stage 1) plug in here, and so share the
+  accumulation, optimizer, EMA, shardings and donation:
+    grads_fn(params, batch, draws, frozen, extra) -> ((loss, aux), grads) replaces loss_fn's
+      value_and_grad (one micro-batch; extra is state.extra, read-only);
+    finish_grads(loss, aux, grads) -> (loss, aux, grads) runs once on the micro-batch means
+      (e.g. combining gradient parts with a weight that needs the whole batch);
+    split_draws(draws, accum_steps, batch_sharding) splits given draws into micro-batches
+      (default: `split_micro`, for batch-leading leaves);
+    after_update(state, params, batch, draws, frozen) -> (params, extra, metrics) runs after the
+      optimizer update on the whole batch (draws: the given ones or draw_fn's of the whole
+      batch), before the EMA: stage 1's discriminator update.
   """
   if accum_steps < 1:
     raise ValueError(f'accum_steps must be >= 1, got {accum_steps}.')
   mesh = batch_sharding.mesh
   with_frozen = frozen_shardings is not None
   draw = draw_fn or _key_as_draws
+  split_draws = split_draws or split_micro
 
   def mean_loss(params, batch, draws, frozen):
     args = (params, batch, draws) + ((frozen,) if with_frozen else ())
@@ -116,28 +136,36 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     loss = jnp.mean(per_example.astype(jnp.float32))
     return loss, _mean_aux(aux)
 
-  grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
+  if grads_fn is None:
+    value_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
+    grads_fn = lambda p, b, d, f, extra: value_and_grad(p, b, d, f)  # noqa: E731
+
+  def constrain(g):  # a gradient, or a dict of gradient parts
+    if jax.tree.structure(g) == jax.tree.structure(state_shardings.params):
+      return jax.lax.with_sharding_constraint(g, state_shardings.params)
+    return {k: jax.lax.with_sharding_constraint(v, state_shardings.params) for k, v in g.items()}
 
   def step(state: TrainState, batch: Any, frozen: Any, draws: Any):
     batch = images_to_unit_float(batch)
     key = jax.random.fold_in(state.rng, state.step)
+    grad_fn = lambda p, b, d, f: grads_fn(p, b, d, f, state.extra)  # noqa: E731
+    if accum_steps == 1 or after_update is not None:
+      whole_draws = draw(key, batch) if draws is None else draws
     if accum_steps == 1:
-      if draws is None:
-        draws = draw(key, batch)
-      (loss, aux), grads = grad_fn(state.params, batch, draws, frozen)
+      (loss, aux), grads = grad_fn(state.params, batch, whole_draws, frozen)
     else:
-      micro = _split_micro(batch, accum_steps, batch_sharding)
-      given = None if draws is None else _split_micro(draws, accum_steps, batch_sharding)
+      micro = split_micro(batch, accum_steps, batch_sharding)
+      given = None if draws is None else split_draws(draws, accum_steps, batch_sharding)
 
       def micro_draws(j, mb, given_j):
         return draw(jax.random.fold_in(key, j), mb) if given_j is None else given_j
-      constrain = lambda g: jax.lax.with_sharding_constraint(g, state_shardings.params)  # noqa: E731
-      zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
       first = lambda t: None if t is None else jax.tree.map(lambda x: x[0], t)  # noqa: E731
-      aux_shape = jax.eval_shape(
+      shapes = jax.eval_shape(
           lambda: grad_fn(state.params, first(micro),
                           micro_draws(0, first(micro), first(given)), frozen))
-      aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape[0][1])
+      zeros_of = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
+      zeros = constrain(zeros_of(shapes[1]))
+      aux_zeros = zeros_of(shapes[0][1])
 
       def body(carry, xs):
         g_acc, l_acc, a_acc = carry
@@ -154,17 +182,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       grads = jax.tree.map(lambda g: g * inv, grads)
       loss = loss * inv
       aux = jax.tree.map(lambda a: a * inv, aux)
+    if finish_grads is not None:
+      loss, aux, grads = finish_grads(loss, aux, grads)
     grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              ema_params=ema_update(state.ema_params, params, ema_decay),
-                              opt_state=opt_state)
     metrics = {'loss': loss, 'grad_norm': grad_norm, **aux}
     if lr_schedule is not None:
       metrics['lr'] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-    return new_state, metrics
+    extra = state.extra
+    if after_update is not None:
+      params, extra, more = after_update(state, params, batch, whole_draws, frozen)
+      metrics.update(more)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              ema_params=ema_update(state.ema_params, params, ema_decay),
+                              opt_state=opt_state, extra=extra)
+    return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
   replicated = NamedSharding(mesh, P())
   in_shardings = (state_shardings, batch_sharding,
