@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import ml_collections as mlc
 
-from rae_jax.models.vit_encoders import ALIASES, ENCODERS
+from rae_jax.models.vit_encoders import ALIASES, ENCODERS, encoder_spec
 
 
 class ConfigError(ValueError):
@@ -44,8 +44,8 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
-# Every numeric field where a negative or zero value means nothing (and used to be accepted or
-# silently replaced): rule -> fields. Tuples (DiTDH's (trunk, head) widths) are checked per entry.
+# Every numeric field where a negative or zero value means nothing (refused here rather than
+# accepted or silently replaced): rule -> fields. Tuples (DiTDH's (trunk, head) widths) are checked per entry.
 _OPTIMS = ("stage1.optim", "stage1.disc.optim", "stage2.optim")
 NUMERIC_RULES = {
     "positive integer": (
@@ -61,7 +61,8 @@ NUMERIC_RULES = {
         "guidance.guide_model.num_classes", "sampler.num_steps", "sample.num_images",
         "sample.grid_cols", "eval.num_samples", "eval.shard_size", "eval.online_num_samples",
         "stage1.disc.ks", "stage1.loss.disc_updates", "stage2.grad_accum_steps",
-        "mesh.max_fsdp", "profile.num_steps", "transport.shift_dim", "transport.shift_base"),
+        "stage1.grad_accum_steps", "mesh.max_fsdp", "profile.num_steps", "transport.shift_dim",
+        "transport.shift_base"),
     "integer >= 0": (
         "data.synthetic_size", "data.prefetch", "checkpoint.keep_period",
         "log.sample_every_steps", "eval.online_every_steps", "distributed.num_processes"),
@@ -135,7 +136,7 @@ def _check_numbers(config: mlc.ConfigDict) -> None:
 
 
 def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
-  """Fields whose bad values used to escape as KeyError/ZeroDivisionError/IndexError later."""
+  """Fields whose bad values would otherwise escape as KeyError/ZeroDivisionError/IndexError."""
   _check_numbers(config)
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}")
@@ -177,9 +178,9 @@ def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
                       "(fsdp=-1 takes the rest)")
   enc = config.encoder
   if enc.path and not _is_remote(enc.path):
-    if canonical_name(enc.name) == "toy_vit":
-      warnings.warn(f"config.encoder.path={enc.path!r} is ignored: the toy_vit encoder is randomly "
-                    "initialised from config.seed", IgnoredFieldWarning, stacklevel=3)
+    if (enc.name in ENCODERS or enc.name in ALIASES) and encoder_spec(enc.name).random_init:
+      warnings.warn(f"config.encoder.path={enc.path!r} is ignored: the {enc.name} encoder is "
+                    "randomly initialised from config.seed", IgnoredFieldWarning, stacklevel=3)
     elif not os.path.exists(enc.path) and not _HF_REPO_ID.match(enc.path):
       raise ConfigError(f"config.encoder.path={enc.path!r}: no such file or directory (a local "
                         "HF checkpoint folder, or a Hugging Face repo id such as "
@@ -199,10 +200,6 @@ def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
   if config.stats.path and not _is_remote(config.stats.path) and not os.path.exists(
       config.stats.path):
     raise ConfigError(f"config.stats.path={config.stats.path!r}: file not found")
-
-
-def canonical_name(name: str) -> str:
-  return ALIASES.get(name, name)
 
 
 def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
@@ -255,6 +252,11 @@ def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
     if value % data_shards:
       raise ConfigError(f"{name}={value} is not divisible by the number of data shards "
                         f"({data_shards} devices)")
+  accum1 = int(config.stage1.get("grad_accum_steps", 1))
+  if mode in ("train_stage1", "all") and (
+      accum1 < 1 or config.stage1.global_batch_size % (accum1 * data_shards)):
+    raise ConfigError(f"config.stage1.grad_accum_steps={accum1} must divide "
+                      f"config.stage1.global_batch_size / devices")
   if config.stage2.grad_accum_steps < 1 or (
       config.stage2.global_batch_size % (config.stage2.grad_accum_steps * data_shards)):
     raise ConfigError(f"config.stage2.grad_accum_steps={config.stage2.grad_accum_steps} must divide "
@@ -273,7 +275,8 @@ RESUME_EXEMPT = ("log", "eval", "checkpoint", "resume", "distributed", "sample",
                  "data.eval_split", "profile", "model.attention_impl",
                  # Memory knobs (the recipes pick them per chip): remat never changes the math or
                  # the params. scan_layers does change the param layout, so it is not here.
-                 "model.remat", "model.remat_policy", "decoder.remat", "decoder.remat_policy")
+                 "model.remat", "model.remat_policy", "decoder.remat", "decoder.remat_policy",
+                 "stage1.grad_accum_steps")
 # The length of a run (extending it keeps the LR schedule, which is set in epochs).
 RESUME_EXEMPT_SUFFIXES = ("optim.num_steps", "optim.epochs")
 # Sections the other stage's training never reads.

@@ -5,11 +5,7 @@ epochs here and turned into steps from the dataset size and global batch at run 
 """
 from __future__ import annotations
 
-import math
-
 import ml_collections as mlc
-
-IMAGENET_TRAIN_SIZE = 1_281_167
 
 
 def ditdh(hidden, depth, heads, *, input_size=16, in_channels=768, num_classes=1000) -> mlc.ConfigDict:
@@ -144,6 +140,7 @@ def base_config() -> mlc.ConfigDict:
 
   c.stage1 = mlc.ConfigDict(dict(
       global_batch_size=512,
+      grad_accum_steps=1,  # generator update over micro-batches (same update up to rounding)
       noise_tau=0.8,
       ema_decay=0.9978,
       # The official trainer trains decoder_pos_embed (requires_grad_(True) on the whole decoder
@@ -197,7 +194,6 @@ def base_config() -> mlc.ConfigDict:
       method="cfg",  # 'cfg' | 'autoguidance'
       scale=1.0, t_min=0.0, t_max=1.0,
       guide_model=ditdh_s(),
-      guide_checkpoint="",  # our workdir, or an official stage2_model.pt (import_torch)
   ))
 
   c.sample = mlc.ConfigDict(dict(num_images=64, classes="", grid_cols=8, use_ema=True))
@@ -223,7 +219,3 @@ def base_config() -> mlc.ConfigDict:
   c.distributed = mlc.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
   return c
 
-
-def steps_from_epochs(epochs: float, dataset_size: int, global_batch: int) -> int:
-  """The official loops count optimizer steps as len(loader) per epoch (drop_last)."""
-  return int(math.floor(epochs * (dataset_size // global_batch)))

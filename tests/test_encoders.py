@@ -284,3 +284,29 @@ def test_dinov3_normalize_false_keeps_final_affine(dinov3):
   x = _images((2, 16, 16, 3), 7)
   ref = _dinov3_ref(model, x) * sd["norm.weight"] + sd["norm.bias"]
   assert rel_err(jax.jit(enc.module.apply)({"params": enc.params}, jnp.asarray(x)), ref) <= 1e-5
+
+
+def test_one_record_per_encoder():
+  """Every encoder's record is complete and consistent: its name table exists and covers the
+  module's parameters, names / aliases / HF model types each point at one encoder, and the
+  tables derived from the records (aliases, model types, diffusers types) agree with them."""
+  from rae_jax.interop import diffusers_rae
+  from rae_jax.interop import vit_names as vn
+  from rae_jax.models import vit_encoders as ve
+  names = list(ve.ENCODERS) + list(ve.ALIASES)
+  assert len(names) == len(set(names)), names
+  model_types = [t for spec in ve.ENCODERS.values() for t in spec.hf_model_types]
+  assert len(model_types) == len(set(model_types)), model_types
+  for name, spec in ve.ENCODERS.items():
+    assert spec.name_table in hfe.NAME_TABLES and spec.probe_key, name
+    for alias in spec.aliases:
+      assert ve.encoder_spec(alias) is spec
+    for t in spec.hf_model_types:
+      assert hfe.infer_encoder_name({"model_type": t}) == name
+    assert diffusers_rae.ENCODER_TYPES.get(name) == spec.diffusers_type
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, patch_size=8, image_size=16)
+    module = ve.build_encoder(name, small)
+    vn.check_table(hfe.encoder_table(name, module), hfe.param_shapes(module, 16), name)
+  with pytest.raises(ValueError, match="unknown encoder 'clip'"):
+    ve.encoder_spec("clip")

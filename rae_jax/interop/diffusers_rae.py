@@ -43,7 +43,7 @@ from rae_jax.atomic import recover_dir, replace_dir, set_default_mode
 from rae_jax.interop import decoder_names, hf_encoders, torch_io
 from rae_jax.interop.common import StateDictError, to_numpy
 from rae_jax.models.decoder import ViTDecoder
-from rae_jax.models.vit_encoders import canonical_encoder_name
+from rae_jax.models.vit_encoders import ENCODERS, canonical_encoder_name
 
 EXPORT_SUBDIR = os.path.join("export", "diffusers")
 ENCODER_DIR = "encoder"  # <workdir>/encoder: HF folder of an imported encoder
@@ -54,7 +54,8 @@ STD_EPS = 1e-5  # diffusers' (latents_std + 1e-5)
 HEAD_DIM = 64  # diffusers' _build_encoder: num_attention_heads = hidden_size // 64
 DIFFUSERS_POS_GRID = 16  # get_2d_sincos_pos_embed(base_size=16) == official table only here
 # our encoder name <-> diffusers encoder_type
-ENCODER_TYPES = {"dinov2_reg": "dinov2", "siglip2": "siglip2", "mae": "mae"}
+ENCODER_TYPES = {name: spec.diffusers_type for name, spec in ENCODERS.items()
+                 if spec.diffusers_type}
 # Official GeneralDecoder (HF ViTMAE) attention names -> diffusers' Attention names; the rest of
 # the decoder state_dict is named alike.
 _DECODER_RENAMES = (("attention.attention.query.", "attention.to_q."),

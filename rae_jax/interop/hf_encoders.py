@@ -20,18 +20,12 @@ import numpy as np
 
 from rae_jax.interop import vit_names as vn
 from rae_jax.interop.common import StateDictError, flatten, to_numpy, unflatten
-from rae_jax.models.vit_encoders import build_encoder, canonical_encoder_name
+from rae_jax.models.vit_encoders import ENCODERS, build_encoder, canonical_encoder_name
 
 _WEIGHT_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors",
                     "model.safetensors.index.json", "pytorch_model.bin"]
-# model_type in config.json -> our encoder name
-_MODEL_TYPES = {"dinov2_with_registers": "dinov2_reg", "siglip": "siglip2",
-                "siglip_vision_model": "siglip2", "vit_mae": "mae", "dinov3_vit": "dinov3"}
-# A key that exists in every checkpoint of that family, used to detect the wrapper prefix.
-_PROBE = {"dinov2_reg": "embeddings.patch_embeddings.projection.weight",
-          "mae": "embeddings.patch_embeddings.projection.weight",
-          "dinov3": "embeddings.patch_embeddings.weight",
-          "siglip2": "embeddings.patch_embedding.weight"}
+# model_type in config.json -> our encoder name (from each encoder's record)
+_MODEL_TYPES = {t: name for name, spec in ENCODERS.items() for t in spec.hf_model_types}
 _PREFIXES = ("", "vision_model.", "vit.", "dinov2_with_registers.", "model.")
 
 
@@ -126,37 +120,56 @@ def read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
   raise FileNotFoundError(f"{folder}: no model.safetensors, safetensors index or pytorch_model.bin")
 
 
+def _vit_table(module, block_names, registers: bool) -> list[vn.Entry]:
+  """DINOv2-reg / MAE layout (HF Dinov2WithRegistersModel, ViTMAEModel)."""
+  t = vn.conv("patch_embed", "embeddings.patch_embeddings.projection")
+  t += [("cls_token", "embeddings.cls_token", "same"),
+        ("position_embeddings", "embeddings.position_embeddings", "same")]
+  if registers:
+    t.append(("register_tokens", "embeddings.register_tokens", "same"))
+  for i in range(module.num_hidden_layers):
+    t += vn.block(f"blocks_{i}", f"encoder.layer.{i}", block_names, module.qkv_bias)
+  return t
+
+
+def _dinov2_table(module) -> list[vn.Entry]:
+  t = _vit_table(module, vn.DINOV2_BLOCK, registers=True)
+  return t + (vn.norm("final_norm", "layernorm") if not module.normalize else [])
+
+
+def _mae_table(module) -> list[vn.Entry]:
+  return _vit_table(module, vn.MAE_BLOCK, registers=False)
+
+
+def _dinov3_table(module) -> list[vn.Entry]:
+  t = vn.conv("patch_embed", "embeddings.patch_embeddings")
+  t.append(("cls_token", "embeddings.cls_token", "same"))
+  if module.num_register_tokens:
+    t.append(("register_tokens", "embeddings.register_tokens", "same"))
+  for i in range(module.num_hidden_layers):
+    t += vn.dinov3_block(f"blocks_{i}", f"layer.{i}", module)
+  return t + (vn.norm("final_norm", "norm") if not module.normalize else [])
+
+
+def _siglip_table(module) -> list[vn.Entry]:
+  t = vn.conv("patch_embed", "embeddings.patch_embedding")
+  t.append(("position_embedding", "embeddings.position_embedding.weight", "same"))
+  for i in range(module.num_hidden_layers):
+    t += vn.block(f"blocks_{i}", f"encoder.layers.{i}", vn.SIGLIP_BLOCK)
+  return t
+
+
+# EncoderSpec.name_table -> table builder (module -> entries)
+NAME_TABLES = {"dinov2_reg": _dinov2_table, "mae": _mae_table, "dinov3": _dinov3_table,
+               "siglip2": _siglip_table}
+
+
 def encoder_table(name: str, module) -> list[vn.Entry]:
   """Our flat param keys <-> HF (canonical, prefix-free) keys for one encoder."""
-  t: list[vn.Entry] = []
-  if name in ("dinov2_reg", "mae", "toy_vit"):
-    t += vn.conv("patch_embed", "embeddings.patch_embeddings.projection")
-    t += [("cls_token", "embeddings.cls_token", "same"),
-          ("position_embeddings", "embeddings.position_embeddings", "same")]
-    if name == "dinov2_reg":
-      t.append(("register_tokens", "embeddings.register_tokens", "same"))
-    names = vn.DINOV2_BLOCK if name == "dinov2_reg" else vn.MAE_BLOCK
-    for i in range(module.num_hidden_layers):
-      t += vn.block(f"blocks_{i}", f"encoder.layer.{i}", names, module.qkv_bias)
-    if name == "dinov2_reg" and not module.normalize:
-      t += vn.norm("final_norm", "layernorm")
-  elif name == "dinov3":
-    t += vn.conv("patch_embed", "embeddings.patch_embeddings")
-    t.append(("cls_token", "embeddings.cls_token", "same"))
-    if module.num_register_tokens:
-      t.append(("register_tokens", "embeddings.register_tokens", "same"))
-    for i in range(module.num_hidden_layers):
-      t += vn.dinov3_block(f"blocks_{i}", f"layer.{i}", module)
-    if not module.normalize:
-      t += vn.norm("final_norm", "norm")
-  elif name == "siglip2":
-    t += vn.conv("patch_embed", "embeddings.patch_embedding")
-    t.append(("position_embedding", "embeddings.position_embedding.weight", "same"))
-    for i in range(module.num_hidden_layers):
-      t += vn.block(f"blocks_{i}", f"encoder.layers.{i}", vn.SIGLIP_BLOCK)
-  else:
+  spec = ENCODERS[canonical_encoder_name(name)]
+  if spec.name_table not in NAME_TABLES:
     raise ValueError(f"no HF name table for encoder {name!r}")
-  return t
+  return NAME_TABLES[spec.name_table](module)
 
 
 def param_shapes(module, image_size: int) -> dict[str, tuple]:
@@ -178,7 +191,7 @@ def params_from_hf(name: str, module, state_dict: Mapping, source: str = "HF che
   """HF state_dict -> our nested params; the final layernorm affine is dropped like the wrappers
   (kept only for dinov2_reg / dinov3 with normalize=False, as Dinov2withNorm(normalize=False))."""
   name = canonical_encoder_name(name)
-  sd = _strip_prefix(state_dict, _PROBE["mae" if name == "toy_vit" else name], source)
+  sd = _strip_prefix(state_dict, ENCODERS[name].probe_key, source)
   if name == "dinov3":  # transformers>=5 module names -> hub checkpoint names
     sd = {k[len("model."):] if k.startswith("model.layer.") else k: v for k, v in sd.items()}
   shapes = param_shapes(module, module.image_size)

@@ -18,7 +18,7 @@ from rae_jax.interop.hf_encoders import load_hf_encoder
 from rae_jax.interop.stats import load_stats
 from rae_jax.models.decoder import decoder_from_hf_config
 from rae_jax.models.rae import RAE, init_params
-from rae_jax.models.vit_encoders import (TOY_IMAGE_MEAN, TOY_IMAGE_STD, build_encoder,
+from rae_jax.models.vit_encoders import (ENCODERS, TOY_IMAGE_MEAN, TOY_IMAGE_STD, build_encoder,
                                          canonical_encoder_name)
 
 
@@ -41,7 +41,7 @@ def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
              dtype=jnp.float32) -> tuple[RAE, dict]:
   """Build an RAE + variables the way the official wrapper does from its YAML params.
 
-  encoder_path: HF hub id or folder (None only for 'toy_vit', which is randomly initialised from
+  encoder_path: HF hub id or folder (None only for a random_init encoder such as 'toy_vit', from
   `seed`). decoder_config: ViTMAEConfig-style dict, config.json or its folder; hidden_size,
   patch_size and num_patches are overridden from the encoder as the reference does.
   decoder_weights: official model.pt (or .safetensors); None -> random init from `seed`.
@@ -50,7 +50,7 @@ def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
   key = canonical_encoder_name(encoder_name)
   k_enc, k_dec = jax.random.split(jax.random.PRNGKey(seed))
   if encoder_path is None:
-    if key != "toy_vit":
+    if not ENCODERS[key].random_init:
       raise ValueError(f"encoder {encoder_name!r} needs encoder_path (HF hub id or folder)")
     encoder = build_encoder(key, dtype=dtype, **dict(encoder_overrides or {}))
     size = encoder_input_size or encoder.image_size

@@ -11,6 +11,9 @@ Field defaults equal the HF config classes' defaults, so sparse config.json file
 SiglipModel's vision_config) build the same model. Position embeddings are interpolated to the
 input grid exactly as HF does (DINOv2: antialiased bicubic; SigLIP/MAE: plain bicubic), only when
 the grid or aspect differs from the checkpoint's.
+
+Each encoder is one `EncoderSpec` in `ENCODERS` (module, names, how HF checkpoints are recognised
+and named, diffusers' type); README "Extending" lists the files a new one touches.
 """
 from __future__ import annotations
 
@@ -152,17 +155,62 @@ class MAEEncoder(nn.Module):
     return x[:, 1:]
 
 
-ENCODERS = {"dinov2_reg": Dinov2RegEncoder, "siglip2": SiglipEncoder, "mae": MAEEncoder,
-            "dinov3": Dinov3Encoder, "toy_vit": MAEEncoder}
-ALIASES = {"Dinov2withNorm": "dinov2_reg", "dinov2": "dinov2_reg",
-           "dinov2_with_registers": "dinov2_reg", "SigLIP2wNorm": "siglip2", "siglip": "siglip2",
-           "MAEwNorm": "mae", "vit_mae": "mae", "dinov3_vit": "dinov3"}
-# A demo-sized random encoder: 64x64 input, 8x8 grid of 64-d tokens.
-TOY_VIT_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, patch_size=8, image_size=64, layer_norm_eps=1e-6)
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+  """One frozen encoder family: everything the library needs to build, load and export it.
+
+  module: the Flax module (fields default to the HF config class's defaults).
+  aliases: other names config.encoder.name accepts (the official wrapper class names, ...).
+  hf_model_types: config.json `model_type` values that load as this encoder.
+  probe_key: a key every HF checkpoint of the family has (finds a wrapper prefix such as
+    `vision_model.`).
+  name_table: the HF name table (`interop/hf_encoders.NAME_TABLES` key) for import / export.
+  diffusers_type: diffusers AutoencoderRAE's `encoder_type`, None where diffusers has none.
+  random_init: no weights: randomly initialised from config.seed, sized by config.encoder's
+    fields on top of `defaults` (the demo's toy encoder).
+  """
+  module: type
+  aliases: tuple[str, ...] = ()
+  hf_model_types: tuple[str, ...] = ()
+  probe_key: str = ""
+  name_table: str = ""
+  diffusers_type: Optional[str] = None
+  random_init: bool = False
+  defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_VIT_PROBE = "embeddings.patch_embeddings.projection.weight"
+ENCODERS = {
+    "dinov2_reg": EncoderSpec(
+        Dinov2RegEncoder, aliases=("Dinov2withNorm", "dinov2", "dinov2_with_registers"),
+        hf_model_types=("dinov2_with_registers",), probe_key=_VIT_PROBE, name_table="dinov2_reg",
+        diffusers_type="dinov2"),
+    "siglip2": EncoderSpec(
+        SiglipEncoder, aliases=("SigLIP2wNorm", "siglip"),
+        hf_model_types=("siglip", "siglip_vision_model"),
+        probe_key="embeddings.patch_embedding.weight", name_table="siglip2",
+        diffusers_type="siglip2"),
+    "mae": EncoderSpec(
+        MAEEncoder, aliases=("MAEwNorm", "vit_mae"), hf_model_types=("vit_mae",),
+        probe_key=_VIT_PROBE, name_table="mae", diffusers_type="mae"),
+    "dinov3": EncoderSpec(
+        Dinov3Encoder, aliases=("dinov3_vit",), hf_model_types=("dinov3_vit",),
+        probe_key="embeddings.patch_embeddings.weight", name_table="dinov3"),
+    # A demo-sized random encoder: 64x64 input, 8x8 grid of 64-d tokens (MAE layout).
+    "toy_vit": EncoderSpec(
+        MAEEncoder, probe_key=_VIT_PROBE, name_table="mae", random_init=True,
+        defaults=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, patch_size=8, image_size=64, layer_norm_eps=1e-6)),
+}
+ALIASES = {alias: name for name, spec in ENCODERS.items() for alias in spec.aliases}
 # Image normalisation when no HF preprocessor_config.json exists (toy encoder).
 TOY_IMAGE_MEAN = (0.5, 0.5, 0.5)
 TOY_IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+  """The record of an encoder name or alias (fails naming the valid ones)."""
+  return ENCODERS[canonical_encoder_name(name)]
 
 
 def canonical_encoder_name(name: str) -> str:
@@ -176,9 +224,10 @@ def canonical_encoder_name(name: str) -> str:
 def build_encoder(name: str, config: Optional[Mapping[str, Any]] = None, **overrides) -> nn.Module:
   """Encoder module by name; `config` may be a whole HF config dict (unknown keys ignored)."""
   key = canonical_encoder_name(name)
-  cls = ENCODERS[key]
+  spec = ENCODERS[key]
+  cls = spec.module
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-  kwargs = dict(TOY_VIT_DEFAULTS) if key == "toy_vit" else {}
+  kwargs = dict(spec.defaults)
   kwargs.update({k: v for k, v in (config or {}).items() if k in fields})
   bad = sorted(set(overrides) - fields)
   if bad:

@@ -22,7 +22,7 @@ from rae_jax.models.layers import to_layout
 from rae_jax.models.ditdh import DiTDH
 from rae_jax.models.lightning_dit import LightningDiT
 from rae_jax.models.rae import RAE
-from rae_jax.models.vit_encoders import canonical_encoder_name
+from rae_jax.models.vit_encoders import ENCODERS, canonical_encoder_name
 
 STAGE1_DIR = "stage1"
 STAGE2_DIR = "stage2"
@@ -78,7 +78,7 @@ def build_rae(config: mlc.ConfigDict, workdir: str, *, with_stats: bool = True,
   name = canonical_encoder_name(enc.name)
   overrides = None
   path = enc.path or None
-  if name == "toy_vit":
+  if ENCODERS[name].random_init:  # sized by config.encoder's fields
     path = None
     overrides = dict(hidden_size=enc.hidden_size, num_hidden_layers=enc.depth,
                      num_attention_heads=enc.num_heads, intermediate_size=4 * enc.hidden_size,
