@@ -10,7 +10,7 @@ decoder fine-tuned longer). Needs LPIPS/VGG and DINO weights (see README) and Im
 
 On a v5e-64 pod this is roughly a day; on 8 GPUs about 3 days.
 
-Memory plan (issue 15 item 4), remat policy per target chip. Default: decoder.remat=True with
+Memory plan, remat policy per target chip. Default: decoder.remat=True with
 remat_policy="dots_saveable" for the smallest target chip (v5e, 16 GiB) at 64 chips: "remat off"
 passes the rule there (planned 13.8 GiB) but its float32 compile needs 15.0 GiB, above 90% of the
 chip, while dots_saveable is 9.8 / 10.0 GiB. On v4/v5p, or 256 chips, --config.decoder.remat=False

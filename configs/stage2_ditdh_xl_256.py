@@ -12,7 +12,7 @@ clip 1.0, EMA 0.9995, label dropout 0.1. Paper: gFID 1.51 unguided, 1.13 with au
 Needs a trained decoder and stats (stage 1, or import_torch of the official releases).
 Use --config.stage2.use_latent_cache=True after --mode=cache_latents to skip the encoder per step.
 
-Memory plan (issue 15 item 4), remat policy per target chip. Default: model.remat=True with
+Memory plan, remat policy per target chip. Default: model.remat=True with
 remat_policy="dots_saveable": the least-recompute policy that fits the smallest target chip (v5e,
 16 GiB) at 64 chips (planned 7.4 GiB, f32 compiled 11.1 GiB). Where "remat off" fits (v4/v5p, or
 256 v5e chips), --config.model.remat=False recomputes nothing and is faster. Remat never changes

@@ -7,7 +7,7 @@ we follow the latter.) Paper: gFID 1.13 at 512 with autoguidance.
 
   python main.py --config=configs/stage2_ditdh_xl_512.py --workdir=$W --mode=train_stage2
 
-Memory plan (issue 15 item 4), remat policy per target chip. Default: model.remat=True with
+Memory plan, remat policy per target chip. Default: model.remat=True with
 remat_policy="save_attention_out": the least-recompute policy that fits the smallest target chip
 (v5e, 16 GiB) at 64 chips (planned 10.7 GiB, f32 compiled 13.4 GiB). Use the table's policy for
 larger chips or more of them; remat never changes results.

@@ -4,9 +4,10 @@ Order. Epoch e visits the source in `permutation(seed, e)` (numpy PCG64 seeded b
 (seed, e)); global batch s of epoch e is positions [s*B, (s+1)*B) of it, and process
 p of P takes the p-th contiguous b = B/P slice of that global batch. So a batch is a
 pure function of (seed, epoch, step), per-process slices are disjoint, and the global
-batch is the same whatever P is (contract C5). The last N mod B positions of each
-epoch are dropped (as `drop_last=True` in the official DistributedSampler loaders);
-they differ from epoch to epoch, so no example is systematically left out.
+batch is the same whatever P is (a run resumes on another process count). The last
+N mod B positions of each epoch are dropped (as `drop_last=True` in the official
+DistributedSampler loaders); they differ from epoch to epoch, so no example is
+systematically left out.
 Horizontal flips are a second pure function of (seed, epoch, dataset index).
 
 State. `{'epoch', 'step_in_epoch'}` (plain ints) names the next batch `__next__`

@@ -1,4 +1,7 @@
-"""Stage-2 transformer building blocks shared by DiTDH and LightningDiT.
+"""Stage-2 transformer building blocks shared by DiTDH and LightningDiT: initialisers, sin-cos
+position tables, 2-D axial RoPE (EVA's interleaved-pairs convention, `rope_tables` / `apply_rope`;
+the DINOv3 encoder's split-halves RoPE is its own, in models/dinov3.py), norms, MLPs, attention,
+embedders, the DiT block, remat policies and the scanned / unrolled parameter layouts.
 
 Everything here mirrors `stage2/models/model_utils.py` of the official RAE code closely enough
 that, with the same weights, outputs match in float32. Tokens are (B, N, D), images/latents
