@@ -17,6 +17,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax.config_checks import COMPUTE_DTYPES
 from rae_jax.interop.rae_loader import load_rae
 from rae_jax.models.layers import to_layout
 from rae_jax.models.ditdh import DiTDH
@@ -32,9 +33,6 @@ STATS_FILE = os.path.join("stats", "stat.npz")
 _MODEL_CLASSES = {"DiTDH": DiTDH, "DiTwDDTHead": DiTDH, "LightningDiT": LightningDiT}
 
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def compute_dtype(config: mlc.ConfigDict):
   """Matmul/conv/attention dtype; params, optimizer state, EMA and losses stay float32.
 
@@ -44,9 +42,8 @@ def compute_dtype(config: mlc.ConfigDict):
   if name == "auto":
     name = "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
   if name not in COMPUTE_DTYPES:
-    raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; valid: "
-                     f"{sorted(COMPUTE_DTYPES) + ['auto']}")
-  return COMPUTE_DTYPES[name]
+    raise ValueError(f"config.compute_dtype={config.compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}")
+  return getattr(jnp, name)  # jnp.float32 / jnp.bfloat16
 
 
 def attention_impl(config: mlc.ConfigDict) -> str:
