@@ -93,6 +93,32 @@ def split_micro(batch: Any, accum_steps: int, batch_sharding: NamedSharding) -> 
   return jax.tree.map(one, batch)
 
 
+def _accumulate(grad_fn, micro: Any, given: Any, micro_draws: Callable, accum_steps: int,
+                constrain: Callable) -> tuple[jax.Array, dict, Any]:
+  """Means of (loss, aux, grads) over the micro-batches (leading axis accum_steps), one lax.scan;
+  grad_fn(micro_batch, draws) -> ((loss, aux), grads)."""
+  first = lambda t: None if t is None else jax.tree.map(lambda x: x[0], t)  # noqa: E731
+  shapes = jax.eval_shape(
+      lambda: grad_fn(first(micro), micro_draws(0, first(micro), first(given))))
+  zeros_of = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
+  zeros = constrain(zeros_of(shapes[1]))
+  aux_zeros = zeros_of(shapes[0][1])
+
+  def body(carry, xs):
+    g_acc, l_acc, a_acc = carry
+    j, mb, given_j = xs
+    (l, a), g = grad_fn(mb, micro_draws(j, mb, given_j))
+    g_acc = jax.tree.map(jnp.add, g_acc, constrain(g))
+    a_acc = jax.tree.map(jnp.add, a_acc, a)
+    return (g_acc, l_acc + l, a_acc), None
+
+  (grads, loss, aux), _ = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32), aux_zeros),
+      (jnp.arange(accum_steps), micro, given))
+  inv = 1.0 / accum_steps
+  return loss * inv, jax.tree.map(lambda a: a * inv, aux), jax.tree.map(lambda g: g * inv, grads)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     ema_decay: float, state_shardings: TrainState,
                     batch_sharding: NamedSharding, accum_steps: int = 1, *,
@@ -156,32 +182,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     else:
       micro = split_micro(batch, accum_steps, batch_sharding)
       given = None if draws is None else split_draws(draws, accum_steps, batch_sharding)
-
-      def micro_draws(j, mb, given_j):
-        return draw(jax.random.fold_in(key, j), mb) if given_j is None else given_j
-      first = lambda t: None if t is None else jax.tree.map(lambda x: x[0], t)  # noqa: E731
-      shapes = jax.eval_shape(
-          lambda: grad_fn(state.params, first(micro),
-                          micro_draws(0, first(micro), first(given)), frozen))
-      zeros_of = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
-      zeros = constrain(zeros_of(shapes[1]))
-      aux_zeros = zeros_of(shapes[0][1])
-
-      def body(carry, xs):
-        g_acc, l_acc, a_acc = carry
-        j, mb, given_j = xs
-        (l, a), g = grad_fn(state.params, mb, micro_draws(j, mb, given_j), frozen)
-        g_acc = jax.tree.map(jnp.add, g_acc, constrain(g))
-        a_acc = jax.tree.map(jnp.add, a_acc, a)
-        return (g_acc, l_acc + l, a_acc), None
-
-      (grads, loss, aux), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32), aux_zeros),
-          (jnp.arange(accum_steps), micro, given))
-      inv = 1.0 / accum_steps
-      grads = jax.tree.map(lambda g: g * inv, grads)
-      loss = loss * inv
-      aux = jax.tree.map(lambda a: a * inv, aux)
+      micro_draws = lambda j, mb, given_j: (  # noqa: E731
+          draw(jax.random.fold_in(key, j), mb) if given_j is None else given_j)
+      loss, aux, grads = _accumulate(
+          lambda mb, d: grad_fn(state.params, mb, d, frozen), micro, given, micro_draws,
+          accum_steps, constrain)
     if finish_grads is not None:
       loss, aux, grads = finish_grads(loss, aux, grads)
     grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
