@@ -25,8 +25,10 @@ from rae_jax.models.vit_blocks import activation, layer_norm
 Dtype = Any
 
 
-def rope_tables(grid_h: int, grid_w: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-  """(cos, sin), each (grid_h*grid_w, head_dim) float32: HF DINOv3 RoPE for a patch grid.
+def dinov3_rope_tables(grid_h: int, grid_w: int, head_dim: int,
+                       theta: float) -> tuple[np.ndarray, np.ndarray]:
+  """(cos, sin), each (grid_h*grid_w, head_dim) float32: HF DINOv3 RoPE for a patch grid (the
+  split-halves convention; the DiT's interleaved-pairs RoPE is models/layers.rope_tables).
 
   Patch centres in [-1, 1] per axis; head_dim/4 frequencies theta^-(4i/head_dim) per axis; angles
   laid out [y freqs, x freqs] and tiled twice (the rotate-half convention). Static shapes, so this
@@ -45,7 +47,7 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, theta: float) -> tuple[
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+def apply_dinov3_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
   """x (B, N, H, D): rotate the last cos.shape[0] tokens (the patches), keep the prefix."""
   n_patch = cos.shape[0]
   prefix, patches = x[:, :-n_patch], x[:, -n_patch:]
@@ -74,7 +76,7 @@ class Dinov3Attention(nn.Module):
     q = dense("q", self.query_bias)(x).reshape(b, n, self.num_heads, d)
     k = dense("k", self.key_bias)(x).reshape(b, n, self.num_heads, d)
     v = dense("v", self.value_bias)(x).reshape(b, n, self.num_heads, d)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_dinov3_rope(q, cos, sin), apply_dinov3_rope(k, cos, sin)
     out = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, n, c)
     return dense("o", self.proj_bias)(out)
 
@@ -172,7 +174,7 @@ class Dinov3Encoder(nn.Module):
       reg = self.param("register_tokens", nn.initializers.normal(0.02), (1, r, c))
       prefix.append(jnp.broadcast_to(reg.astype(tokens.dtype), (b, r, c)))
     x = jnp.concatenate(prefix + [tokens], axis=1)
-    cos, sin = rope_tables(gh, gw, c // self.num_attention_heads, self.rope_theta)
+    cos, sin = dinov3_rope_tables(gh, gw, c // self.num_attention_heads, self.rope_theta)
     for i in range(self.num_hidden_layers):
       x = Dinov3Block(self.num_attention_heads, self.intermediate_size, self.layer_norm_eps,
                       self.layerscale_value, self.hidden_act, self.use_gated_mlp, self.query_bias,
