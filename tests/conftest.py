@@ -28,3 +28,15 @@ def ref_dir():
 
 
 seeded_state_dict = interop_common.seeded_state_dict  # the reference README's weight rule
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py), shared by the session's tests; each
+  test uses its own prefix in the bucket."""
+  pytest.importorskip("gcp_storage_emulator")
+  pytest.importorskip("gcsfs")
+  import gcs_emulator
+  emu = gcs_emulator.start()
+  yield emu
+  emu.stop()

@@ -7,7 +7,8 @@ a lazy import is still a dependency. The layers, bottom up:
   eval -> models, diffusion, train (mesh helpers)
   interop -> what it reads weights into (models, losses, eval) and train -- never pipeline
   pipeline -> all of the above;  modes (the CLI table) -> pipeline
-Root helpers: presets, atomic and rae_jax/__init__ import nothing; config_checks -> models.
+Root helpers: presets, atomic and rae_jax/__init__ import nothing; config_checks -> models;
+storage (the path layer for local disk and gs://) -> atomic, and every layer may import it.
 """
 import ast
 import pathlib
@@ -16,20 +17,21 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "rae_jax"
 ALLOWED = {
-    "models": set(),
+    "models": {"storage"},
     "diffusion": {"models"},
-    "losses": {"models"},
-    "data": set(),
-    "train": {"config_checks", "atomic"},
-    "eval": {"models", "diffusion", "train"},
-    "interop": {"models", "losses", "eval", "train", "atomic"},
+    "losses": {"models", "storage"},
+    "data": {"storage"},
+    "train": {"config_checks", "atomic", "storage"},
+    "eval": {"models", "diffusion", "train", "storage"},
+    "interop": {"models", "losses", "eval", "train", "atomic", "storage"},
     "pipeline": {"models", "diffusion", "losses", "data", "train", "eval", "interop",
-                 "config_checks", "presets", "atomic"},
-    "config_checks": {"models"},
+                 "config_checks", "presets", "atomic", "storage"},
+    "config_checks": {"models", "storage"},
     "presets": set(),
     "atomic": set(),
-    "workdir_lock": set(),
-    "modes": {"config_checks", "train", "pipeline", "presets", "workdir_lock"},
+    "storage": {"atomic"},  # the one path layer (contract C8): every layer may use it
+    "workdir_lock": {"storage"},
+    "modes": {"config_checks", "train", "pipeline", "presets", "workdir_lock", "storage"},
     "__init__": set(),  # rae_jax/__init__.py: importing anything would load it for every user
 }
 # Known edges still to move, each with where it should go. The test fails when one disappears

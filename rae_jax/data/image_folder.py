@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from rae_jax import storage
 from rae_jax.data.transforms import to_rgb
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (matched case-insensitively).
@@ -20,9 +21,12 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 def find_classes(root: str) -> list[str]:
   """Sorted names of the class sub-folders of `root`."""
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     raise FileNotFoundError(f"image folder (data.path) does not exist or is not a directory: {root}")
-  classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  if storage.is_remote(root):
+    classes = sorted(n for n in storage.listdir(root) if storage.isdir(os.path.join(root, n)))
+  else:
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
   if not classes:
     raise FileNotFoundError(
         f"image folder {root} has no class sub-folders (expected ImageNet layout <root>/<class>/<img>)")
@@ -35,7 +39,7 @@ def list_images(root: str, classes: list[str]) -> tuple[list[str], np.ndarray]:
   empty = []
   for label, name in enumerate(classes):
     n0 = len(paths)
-    for dirpath, _, fnames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+    for dirpath, _, fnames in sorted(storage.walk(os.path.join(root, name))):
       for fname in sorted(fnames):
         if fname.lower().endswith(IMG_EXTENSIONS):
           paths.append(os.path.join(dirpath, fname))
@@ -72,7 +76,9 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     # convert() forces the full decode here, so truncated files fail now, not later.
-    with Image.open(self.paths[index]) as im:
+    path = self.paths[index]
+    with (storage.open(path, "rb") if storage.is_remote(path) else open(path, "rb")) as f, \
+        Image.open(f) as im:
       image = np.asarray(to_rgb(im))  # 16-bit scaled, not clipped
     return image, int(self.labels[index])
 

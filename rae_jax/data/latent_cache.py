@@ -14,12 +14,13 @@ whatever number of processes wrote it.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 
 import numpy as np
 from absl import logging
+
+from rae_jax import storage
 
 _META_RE = re.compile(r"meta-p(\d+)-(\d+)\.npz$")
 
@@ -30,6 +31,9 @@ def _shard_names(process_index: int, k: int) -> tuple[str, str]:
 
 
 def _atomic_save(path: str, save_fn) -> None:
+  if storage.is_remote(path):
+    storage.write_file(path, save_fn)  # one upload: the object appears whole or not at all
+    return
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
@@ -45,12 +49,13 @@ def _atomic_save(path: str, save_fn) -> None:
 def _complete_shards(directory: str) -> list[tuple[str, str]]:
   """(latents path, meta path) of every complete shard, in name order."""
   shards = []
-  for meta in sorted(glob.glob(os.path.join(directory, "meta-p*-*.npz"))):
+  names = set(storage.listdir(directory)) if storage.isdir(directory) else set()
+  for meta in sorted(os.path.join(directory, n) for n in names if _META_RE.match(n)):
     m = _META_RE.search(os.path.basename(meta))
     if m is None:
       continue
     latents = os.path.join(directory, _shard_names(int(m.group(1)), int(m.group(2)))[0])
-    if not os.path.exists(latents):
+    if os.path.basename(latents) not in names:
       raise FileNotFoundError(f"latent cache: {meta} has no matching latents file {latents}")
     shards.append((latents, meta))
   return shards
@@ -58,7 +63,10 @@ def _complete_shards(directory: str) -> list[tuple[str, str]]:
 
 def cached_indices(directory: str) -> np.ndarray:
   """Sorted dataset indices already in complete shards (lets a cache run resume)."""
-  idx = [np.load(meta)["indices"] for _, meta in _complete_shards(directory)]
+  idx = []
+  for _, meta in _complete_shards(directory):
+    with storage.load_npz(meta) as z:
+      idx.append(z["indices"])
   return np.sort(np.concatenate(idx)) if idx else np.zeros((0,), np.int64)
 
 
@@ -77,7 +85,7 @@ class LatentCacheWriter:
     self.dtype = np.dtype(dtype)
     if self.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
       raise ValueError(f"latent cache dtype must be float32 or float16, got {self.dtype}")
-    os.makedirs(self.directory, exist_ok=True)
+    storage.makedirs(self.directory)
     mine = [_META_RE.search(os.path.basename(m)) for _, m in _complete_shards(self.directory)]
     ks = [int(m.group(2)) for m in mine if int(m.group(1)) == self.process_index]
     self._next = max(ks) + 1 if ks else 0
@@ -104,6 +112,36 @@ class LatentCacheWriter:
     return lat_path
 
 
+class _RangedNpy:
+  """A C-order .npy on an object store, read row by row with ranged reads (there is no memory
+  mapping of gs:// objects): `arr[row]` and `arr[row, j]` as on the memory-mapped array."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with storage.open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      self._offset = f.tell()
+    if fortran:
+      raise ValueError(f"latent cache: {path} is Fortran-ordered")
+    self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+  def __getitem__(self, key):
+    row, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+    sub = self.shape[1:]
+    if rest:  # arr[row, j]: one contiguous piece of the row
+      j = int(rest[0])
+      sub, skip = self.shape[2:], j
+    else:
+      skip = 0
+    n = int(np.prod(sub)) * self.dtype.itemsize
+    start = self._offset + int(row) * int(np.prod(self.shape[1:])) * self.dtype.itemsize + skip * n
+    data = storage.read_range(self.path, start, start + n)
+    return np.frombuffer(data, self.dtype).reshape(sub)
+
+
 class LatentCacheSource:
   """Random access over a latent cache: `[i] -> (float (2, h, w, C) [image, mirror], label)`.
 
@@ -115,21 +153,24 @@ class LatentCacheSource:
 
   def __init__(self, directory: str, num_classes: int | None = None):
     self.directory = os.fspath(directory)
-    if not os.path.isdir(self.directory):
+    if not storage.isdir(self.directory):
       raise FileNotFoundError(f"latent cache directory (data.path) not found: {self.directory}; "
                               "run --mode=cache_latents first")
     shards = _complete_shards(self.directory)
-    for lat in glob.glob(os.path.join(self.directory, "latents-p*-*.npy")):
+    names = set(storage.listdir(self.directory))
+    for lat in storage.glob(self.directory, "latents-p*-*.npy"):
       meta = os.path.join(self.directory, "meta-" + os.path.basename(lat)[len("latents-"):-4] + ".npz")
-      if not os.path.exists(meta):
+      if os.path.basename(meta) not in names:
         logging.warning("latent cache: ignoring incomplete shard %s (no %s)", lat, meta)
     if not shards:
       raise FileNotFoundError(f"latent cache {self.directory} has no complete shards")
     self._arrays, indices, labels, shard_of, row_of = [], [], [], [], []
     shape = None
     for s, (lat_path, meta_path) in enumerate(shards):
-      arr = np.load(lat_path, mmap_mode="r")
-      meta = np.load(meta_path)
+      arr = (_RangedNpy(lat_path) if storage.is_remote(lat_path)
+             else np.load(lat_path, mmap_mode="r"))
+      with storage.load_npz(meta_path) as z:
+        meta = {k: z[k] for k in z.files}
       if arr.ndim != 5 or arr.shape[1] != 2 or arr.shape[0] != meta["indices"].shape[0]:
         raise ValueError(f"latent cache: {lat_path} has shape {arr.shape}, expected "
                          f"({meta['indices'].shape[0]}, 2, h, w, C) from {meta_path}")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
 from rae_jax.eval import metrics as metrics_lib
 from rae_jax.train import mesh as mesh_lib
 
@@ -173,8 +174,8 @@ _PART = re.compile(r"^shard_(\d+)\.part_(\d+)_(\d+)\.npz$")
 def _list_parts(directory: str) -> dict[int, list[tuple[int, int, str]]]:
   """{shard: [(a, b, path), ...] sorted by a} of the part files in `directory`."""
   out: dict[int, list[tuple[int, int, str]]] = {}
-  if os.path.isdir(directory):
-    for name in os.listdir(directory):
+  if storage.isdir(directory):
+    for name in storage.listdir(directory):
       m = _PART.match(name)
       if m:
         i, a, b = (int(g) for g in m.groups())
@@ -188,18 +189,16 @@ def _tiles(parts: Sequence[tuple[int, int, str]], a: int, b: int) -> bool:
 
 
 def _atomic_savez(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  storage.write_file(path, lambda f: np.savez(f, **arrays))
 
 
 def _shard_is_complete(path: str, labels: np.ndarray) -> bool:
   """The final name only appears after a complete write; also check it holds these labels."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return False
   try:
     shape, _ = metrics_lib.npz_array_shape(path, "arr_0")
-    with np.load(path) as z:
+    with storage.load_npz(path) as z:
       ok = shape[0] == len(labels) and np.array_equal(z["arr_1"], labels)
   except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     logging.warning("eval: unreadable shard %s (%s): regenerating it", path, e)
@@ -212,9 +211,8 @@ def _shard_is_complete(path: str, labels: np.ndarray) -> bool:
 def _check_manifest(directory: str, manifest: dict) -> None:
   """Shards of another config/checkpoint must not be mixed in: refuse, naming what changed."""
   path = os.path.join(directory, MANIFEST)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if storage.exists(path):
+    old = json.loads(storage.read_text(path))
     new = json.loads(json.dumps(manifest, default=str))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
@@ -223,11 +221,8 @@ def _check_manifest(directory: str, manifest: dict) -> None:
           f"{changed[0]}: {old.get(changed[0])!r} -> {new.get(changed[0])!r}). Delete that "
           "directory or use another workdir to start a new evaluation.")
   elif is_main():
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(manifest, f, indent=2, default=str)
-    os.replace(tmp, path)
+    storage.makedirs(directory)
+    storage.write_text(path, json.dumps(manifest, indent=2, default=str))
 
 
 def _agree(mask: np.ndarray) -> np.ndarray:
@@ -260,14 +255,14 @@ def _complete_shards(directory: str, ranges, labels: np.ndarray) -> np.ndarray:
       done[i] = _tiles(mine, a, b) and all(_shard_is_complete(p, labels[pa:pb])
                                            for pa, pb, p in mine)
       stale = ([] if done[i] else [p for _, _, p in mine]) + (
-          [whole] if os.path.exists(whole) else [])
+          [whole] if storage.exists(whole) else [])
     for p in stale:
       logging.info("eval: removing %s (its shard is regenerated or already whole)", p)
-      os.remove(p)
-  if os.path.isdir(directory):
-    for name in os.listdir(directory):
-      if name.startswith("shard_") and name.endswith(".tmp.npz"):
-        os.remove(os.path.join(directory, name))
+      storage.remove(p)
+  if storage.isdir(directory):
+    for name in storage.listdir(directory):
+      if name.startswith("shard_") and name.endswith((".tmp.npz", ".tmp")):  # killed writes
+        storage.remove(os.path.join(directory, name))
   return done
 
 
@@ -278,7 +273,7 @@ def shard_files(directory: str, num_samples: int, shard_size: int) -> list[str]:
   out = []
   for i, (a, b) in enumerate(shard_ranges(num_samples, shard_size)):
     whole = shard_path(directory, i)
-    if os.path.exists(whole):
+    if storage.exists(whole):
       out.append(whole)
     elif _tiles(parts.get(i, []), a, b):
       out.extend(p for _, _, p in parts[i])
@@ -397,7 +392,7 @@ class ShardReader:
 
   def _shard(self, s: int) -> dict[str, np.ndarray]:
     if self._cache[0] != s:
-      with np.load(self.paths[s]) as z:
+      with storage.load_npz(self.paths[s]) as z:
         self._cache = (s, {"arr_0": z["arr_0"], "arr_1": z["arr_1"]})
     return self._cache[1]
 
@@ -420,7 +415,7 @@ class ShardReader:
   def labels(self) -> np.ndarray:
     out = []
     for p in self.paths:
-      with np.load(p) as z:
+      with storage.load_npz(p) as z:
         out.append(z["arr_1"])
     return np.concatenate(out)
 
@@ -445,15 +440,16 @@ def assemble_samples_npz(paths: Sequence[str], out_path: str) -> str:
   256px samples (~10 GB) never sit in memory; written to a temp name and renamed."""
   reader = ShardReader(paths)
   n = len(reader)
-  tmp = out_path + ".tmp"
-  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-    def chunks(key):
-      for p in paths:
-        with np.load(p) as z:
-          yield z[key]
-    _write_npy_stream(zf, "arr_0", (n,) + tuple(reader.image_shape), np.uint8, chunks("arr_0"))
-    _write_npy_stream(zf, "arr_1", (n,), np.int64, chunks("arr_1"))
-  os.replace(tmp, out_path)
+  def write(f):
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+      def chunks(key):
+        for p in paths:
+          with storage.load_npz(p) as z:
+            yield z[key]
+      _write_npy_stream(zf, "arr_0", (n,) + tuple(reader.image_shape), np.uint8,
+                        chunks("arr_0"))
+      _write_npy_stream(zf, "arr_1", (n,), np.int64, chunks("arr_1"))
+  storage.write_file(out_path, write)
   return out_path
 
 

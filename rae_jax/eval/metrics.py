@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from rae_jax import storage
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -203,7 +205,7 @@ def precision_recall(ref_features, sample_features, k: int = 3,
 @contextlib.contextmanager
 def _npy_member(path: str, key: str):
   """Open `key`.npy inside the zip, positioned after its header; yields (file, shape, dtype)."""
-  with zipfile.ZipFile(path) as zf:
+  with storage.open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
     if f"{key}.npy" not in zf.namelist():
       names = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
       raise KeyError(f"{path}: no array '{key}' (has {names})")
@@ -270,9 +272,9 @@ def _check_stats(path, mu_key, mu, sigma_key, sigma):
 
 
 def load_reference_batch(path: str) -> ReferenceBatch:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"reference batch not found: {path}")
-  with np.load(path) as z:
+  with storage.load_npz(path) as z:
     files = set(z.files)
     got = {k: np.asarray(z[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")
            if k in files}
@@ -299,6 +301,4 @@ def save_reference(path: str, stats: FeatureStats, pool3=None) -> None:
   arrays = {"mu": stats.mu, "sigma": stats.sigma}
   if pool3 is not None:
     arrays["pool3"] = np.asarray(pool3, np.float32)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  storage.write_file(path, lambda f: np.savez(f, **arrays))

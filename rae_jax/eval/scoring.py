@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
 from rae_jax.eval import inception
 from rae_jax.eval import metrics as metrics_lib
 from rae_jax.train import mesh as mesh_lib
@@ -205,13 +206,11 @@ class Reference:
 def save_stats(path: str, features: Features, *, is_random: bool, source: str,
                num_skipped: int = 0) -> str:
   """ADM-style reference file: mu, sigma (float64) and pool3 activations, plus provenance."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, mu=features.stats.mu, sigma=features.stats.sigma,
-           pool3=features.pool3.astype(np.float32), num_images=np.int64(features.n),
-           random_inception=np.bool_(is_random), source=np.str_(source),
-           num_skipped=np.int64(num_skipped))
-  os.replace(tmp, path)
+  storage.write_file(path, lambda f: np.savez(
+      f, mu=features.stats.mu, sigma=features.stats.sigma,
+      pool3=features.pool3.astype(np.float32), num_images=np.int64(features.n),
+      random_inception=np.bool_(is_random), source=np.str_(source),
+      num_skipped=np.int64(num_skipped)))
   return path
 
 
@@ -221,7 +220,7 @@ def load_reference(path: str, scorer: Scorer) -> Reference:
   ADM files carry images, not activations: their pool3 (for precision/recall) is computed here
   with `scorer`, as the ADM evaluator does."""
   ref = metrics_lib.load_reference_batch(path)
-  with np.load(path) as z:
+  with storage.load_npz(path) as z:
     flag = bool(z["random_inception"]) if "random_inception" in z.files else None
     count = int(z["num_images"]) if "num_images" in z.files else None
   if flag is not None and flag != scorer.is_random:
@@ -232,7 +231,7 @@ def load_reference(path: str, scorer: Scorer) -> Reference:
   pool3 = ref.pool3
   if pool3 is None and ref.num_images:
     logging.info("eval: computing pool3 of the %d reference images in %s", ref.num_images, path)
-    with np.load(path) as z:
+    with storage.load_npz(path) as z:
       images = z["arr_0"]
     pool3 = extract(scorer, array_reader(images), len(images)).pool3
   mu, sigma = ref.mu, ref.sigma
@@ -301,8 +300,4 @@ def format_metrics(m: dict[str, Any]) -> str:
 def write_json(path: str, m: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(m, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(m, indent=2, sort_keys=True, default=str))

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from rae_jax import storage
 from rae_jax.eval import inception
 from rae_jax.interop.common import (StateDictError, check_keys, check_shape, flatten, to_numpy,
                                     unflatten)
@@ -69,9 +70,13 @@ def import_fid_inception(state_dict: Mapping[str, Any], source: str = "state_dic
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Read `.pth`/`.pt` (torch, weights only), `.safetensors` or `.npz` into {key: array}."""
-  if not os.path.exists(path):
+  """Read `.pth`/`.pt` (torch, weights only), `.safetensors` or `.npz` into {key: array}; local
+  or gs:// (read through a local temporary copy)."""
+  if not storage.exists(path):
     raise FileNotFoundError(f"FID Inception weights not found: {path}")
+  if storage.is_remote(path):
+    with storage.local_copy(path) as local:
+      return read_state_dict(local)
   ext = os.path.splitext(path)[1].lower()
   if ext in (".pth", ".pt"):
     try:
@@ -100,7 +105,7 @@ def load_fid_inception(path: str) -> Any:
 def load_fid_inception_or_random(path: str | None, key: jax.Array) -> tuple[Any, bool]:
   """(params, is_random). Falls back to random weights, with a warning, when `path` is unset or
   missing so that small eval runs work anywhere; callers must print/log the flag next to scores."""
-  if path and os.path.exists(path):
+  if path and storage.exists(path):
     return load_fid_inception(path), False
   warnings.warn(f"{inception.RANDOM_WEIGHTS_WARNING} (path={path!r})")
   return inception.random_inception_params(key), True

@@ -6,6 +6,7 @@ itself (rae_jax.models.rae) stays pure Flax.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 from typing import Mapping, Optional, Union
@@ -13,6 +14,7 @@ from typing import Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from rae_jax import storage
 from rae_jax.interop.decoder_names import load_decoder_params
 from rae_jax.interop.hf_encoders import load_hf_encoder
 from rae_jax.interop.stats import load_stats
@@ -26,12 +28,12 @@ def read_decoder_config(decoder_config: Union[str, pathlib.Path, Mapping]) -> di
   """A ViTMAEConfig-style dict, or its config.json (file or folder)."""
   if isinstance(decoder_config, Mapping):
     return dict(decoder_config)
-  path = pathlib.Path(decoder_config)
-  if path.is_dir():
-    path = path / "config.json"
-  if not path.exists():
+  path = str(decoder_config)
+  if storage.isdir(path):
+    path = storage.join(path, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path}: decoder config not found")
-  return json.loads(path.read_text())
+  return json.loads(storage.read_text(path))
 
 
 def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
@@ -57,7 +59,10 @@ def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
     enc_params = init_params(encoder, k_enc, (1, size, size, 3))
     mean, std = TOY_IMAGE_MEAN, TOY_IMAGE_STD
   else:
-    loaded = load_hf_encoder(encoder_path, key, dtype=dtype, **dict(encoder_overrides or {}))
+    # gs:// (a folder on the bucket): read through a local temporary copy.
+    with (storage.local_dir(encoder_path) if storage.is_remote(encoder_path)
+          else contextlib.nullcontext(encoder_path)) as where:
+      loaded = load_hf_encoder(where, key, dtype=dtype, **dict(encoder_overrides or {}))
     encoder, enc_params = loaded.module, loaded.params
     mean, std = loaded.image_mean, loaded.image_std
     size = encoder_input_size or loaded.input_size or encoder.image_size
@@ -67,7 +72,9 @@ def load_rae(encoder_name: str, encoder_path: Optional[str], decoder_config,
                                    num_patches=grid * grid, dtype=dtype)
   rae = RAE(encoder, decoder, size, tuple(mean), tuple(std), noise_tau, eps)
   if decoder_weights is not None:
-    dec_params = load_decoder_params(decoder, decoder_weights)
+    with (storage.local_copy(decoder_weights) if storage.is_remote(decoder_weights)
+          else contextlib.nullcontext(decoder_weights)) as where:
+      dec_params = load_decoder_params(decoder, where)
   else:
     dec_params = rae.init_decoder(k_dec)
   variables = {"encoder": enc_params, "decoder": dec_params}

@@ -4,26 +4,28 @@ Either entry may be absent (the reference then uses mean 0 / var 1); we keep onl
 """
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Mapping, Optional
 
 import numpy as np
 
-from rae_jax.atomic import set_default_mode
+from rae_jax import storage
 from rae_jax.interop.common import StateDictError, to_numpy
 
 KEYS = ("mean", "var")
 
 
-def _read(path: pathlib.Path) -> Mapping:
-  if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    return load_file(str(path))
-  if path.suffix == ".npz":
-    with np.load(path) as z:
+def _read(path: str) -> Mapping:
+  suffix = os.path.splitext(path)[1]
+  if suffix == ".safetensors":
+    from safetensors.numpy import load
+    return load(storage.read_bytes(path))
+  if suffix == ".npz":
+    with storage.load_npz(path) as z:
       return {k: z[k] for k in z.files}
   import torch
-  return torch.load(str(path), map_location="cpu", weights_only=True)
+  with storage.open(path, "rb") as f:
+    return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def load_stats(path, shape: Optional[tuple] = None) -> dict[str, np.ndarray]:
@@ -31,8 +33,8 @@ def load_stats(path, shape: Optional[tuple] = None) -> dict[str, np.ndarray]:
 
   `shape`, if given, is the expected latent (h, w, C); a mismatch names the key and both shapes.
   """
-  path = pathlib.Path(path)
-  if not path.exists():
+  path = os.fspath(path)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path}: no such stats file")
   raw = _read(path)
   if not isinstance(raw, Mapping) or not any(raw.get(k) is not None for k in KEYS):
@@ -54,15 +56,16 @@ def load_stats(path, shape: Optional[tuple] = None) -> dict[str, np.ndarray]:
 
 def save_stats(stats: Mapping[str, np.ndarray], path) -> None:
   """Write (h,w,C) stats in the official (C,h,w) layout: torch.save for .pt, else by suffix."""
-  path = pathlib.Path(path)
+  path = os.fspath(path)
   chw = {k: np.ascontiguousarray(np.asarray(v, np.float32).transpose(2, 0, 1))
          for k, v in stats.items() if k in KEYS}
-  if path.suffix == ".safetensors":
-    from safetensors.numpy import save_file
-    save_file(chw, str(path))
-    set_default_mode(str(path))  # safetensors creates it 0600
-  elif path.suffix == ".npz":
-    np.savez(path, **chw)
+  suffix = os.path.splitext(path)[1]
+  if suffix == ".safetensors":
+    from safetensors.numpy import save
+    storage.write_bytes(path, save(chw))  # atomic; the mode open() would give (not 0600)
+  elif suffix == ".npz":
+    storage.write_file(path, lambda f: np.savez(f, **chw))
   else:
     import torch
-    torch.save({k: torch.from_numpy(v) for k, v in chw.items()}, str(path))
+    storage.write_file(path, lambda f: torch.save({k: torch.from_numpy(v) for k, v in chw.items()},
+                                                  f))

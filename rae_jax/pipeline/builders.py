@@ -17,6 +17,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
 from rae_jax.config_checks import COMPUTE_DTYPES
 from rae_jax.interop.rae_loader import load_rae
 from rae_jax.models.layers import to_layout
@@ -65,7 +66,7 @@ def stats_path(config: mlc.ConfigDict, workdir: str) -> Optional[str]:
   if config.stats.path:
     return config.stats.path
   ours = os.path.join(workdir, STATS_FILE)
-  return ours if os.path.exists(ours) else None
+  return ours if storage.exists(ours) else None
 
 
 def build_rae(config: mlc.ConfigDict, workdir: str, *, with_stats: bool = True,

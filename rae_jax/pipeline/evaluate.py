@@ -21,6 +21,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
 from rae_jax.data import make_source, resolve_num_threads
 from rae_jax.eval import generation, recon, scoring
 from rae_jax.pipeline import builders, common, generate, images, loaders, weights
@@ -48,12 +49,12 @@ def resolve_reference(config: mlc.ConfigDict, workdir: str,
   path = config.eval.reference_npz
   if not path:
     ours = os.path.join(eval_dir(workdir), FID_STATS)
-    if not os.path.exists(ours):
+    if not storage.exists(ours):
       logging.warning("eval: no eval.reference_npz and no %s: FID and precision/recall are "
                       "skipped (run --mode=fid_stats or set eval.reference_npz)", ours)
       return None
     path = ours
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"eval.reference_npz={path!r} does not exist")
   return scoring.load_reference(path, scorer)
 
@@ -101,10 +102,11 @@ def load_sampler(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema")
 
 def _write_pngs(paths, directory: str) -> None:
   reader = generation.ShardReader(paths)
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
+  done = set(storage.listdir(directory)) if storage.isdir(directory) else set()
   for i in range(len(reader)):
     path = os.path.join(directory, f"{i:06d}.png")
-    if not os.path.exists(path):
+    if os.path.basename(path) not in done:
       images.write_png(reader.read(np.array([i]))[0], path)
 
 
@@ -227,9 +229,10 @@ def make_online_eval_hook(config: mlc.ConfigDict, workdir: str, *, mesh, model, 
     if writer is not None:
       writer.scalars(step, scalars)
     if common.is_main():
-      os.makedirs(eval_dir(workdir), exist_ok=True)
-      with open(os.path.join(eval_dir(workdir), "online_metrics.jsonl"), "a") as f:
-        f.write(json.dumps(dict(m, step=int(step)), default=str) + "\n")
+      # Rewritten whole (object stores have no append); one short line per online eval.
+      path = os.path.join(eval_dir(workdir), "online_metrics.jsonl")
+      old = storage.read_text(path) if storage.exists(path) else ""
+      storage.write_text(path, old + json.dumps(dict(m, step=int(step)), default=str) + "\n")
     logging.info("online eval at step %d: %s", step, scoring.format_metrics(m))
     return m
 

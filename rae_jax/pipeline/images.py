@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from rae_jax import atomic
+from rae_jax import storage
 
 
 def to_uint8(images01) -> np.ndarray:
@@ -31,5 +31,6 @@ def write_png(array: np.ndarray, path: str, upscale: int = 1) -> None:
   img = Image.fromarray(array)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  # atomic.write_file: mkstemp's 0600 would make samples.png unreadable to other users.
-  atomic.write_file(path, lambda f: img.save(f, format="PNG"))
+  # storage.write_file (atomic.write_file locally: mkstemp's 0600 would make samples.png
+  # unreadable to other users; one upload on gs://).
+  storage.write_file(path, lambda f: img.save(f, format="PNG"))

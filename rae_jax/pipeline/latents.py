@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from rae_jax import data as data_lib
+from rae_jax import storage
 from rae_jax.interop import stats as stats_io
 from rae_jax.pipeline import builders, common
 from rae_jax.train import mesh as mesh_lib
@@ -38,17 +39,13 @@ def fingerprint(config: mlc.ConfigDict) -> dict:
 
 def _read_json(path: str) -> Optional[dict]:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except (OSError, ValueError):
     return None
 
 
 def _write_json(path: str, value: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def _sync(name: str) -> None:
@@ -122,11 +119,11 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
   path = os.path.join(workdir, builders.STATS_FILE)
   fp = fingerprint(config)
   saved = _read_json(path + ".json")
-  if os.path.exists(path) and saved == fp:
+  if storage.exists(path) and saved == fp:
     logging.info("stats: %s is complete and matches this config (encoder, data, seed); reused",
                  path)
     return path
-  if os.path.exists(path):
+  if storage.exists(path):
     logging.warning("stats: recomputing %s (%s)", path, _diff(saved, fp))
   mesh = common.make_mesh(config)
   rae, variables = builders.build_rae(config, workdir, with_stats=False)
@@ -163,10 +160,7 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
     raise RuntimeError("stats: no readable example in the training set")
   var = m2 / count
   if common.is_main():
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    stats_io.save_stats({"mean": mean.astype(np.float32), "var": var.astype(np.float32)}, tmp)
-    os.replace(tmp, path)
+    stats_io.save_stats({"mean": mean.astype(np.float32), "var": var.astype(np.float32)}, path)
     _write_json(path + ".json", fp)  # after the stats: a kill in between means "redo"
     logging.info("stats: %d examples, latent %s, mean |mu| %.4f, mean var %.4f -> %s",
                  int(count), mean.shape, np.abs(mean).mean(), var.mean(), path)
@@ -196,20 +190,20 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
   directory = os.path.join(workdir, LATENT_CACHE)
   fp = fingerprint(config)
   saved = _read_json(os.path.join(directory, FINGERPRINT))
-  if os.path.isdir(directory) and os.listdir(directory) and saved != fp:
+  if storage.isdir(directory) and storage.listdir(directory) and saved != fp:
     stale, k = directory + ".stale", 0
-    while os.path.exists(stale):
+    while storage.exists(stale):
       k += 1
       stale = f"{directory}.stale.{k}"
     if common.is_main():
-      os.rename(directory, stale)
+      storage.move_tree(directory, stale)  # gs://: copy, check, then delete (never loses data)
     _sync(f"cache_latents stale {directory}")
     logging.warning("cache_latents: %s does not match this config (%s); moved aside to %s",
                     directory, _diff(saved, fp), stale)
-  elif os.path.exists(os.path.join(directory, COMPLETE)):
+  elif storage.exists(os.path.join(directory, COMPLETE)):
     logging.info("cache_latents: %s is complete and matches this config; reused", directory)
     return directory
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   if common.is_main():
     _write_json(os.path.join(directory, FINGERPRINT), fp)
   mesh = common.make_mesh(config)

@@ -8,6 +8,8 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
+
 from rae_jax.eval import generation
 from rae_jax.pipeline import common, generate, images
 from rae_jax.pipeline.loaders import load_models
@@ -52,9 +54,8 @@ def run_sample(config: mlc.ConfigDict, workdir: str) -> str:
   if common.is_main():
     grid = images.make_grid(imgs, config.sample.grid_cols)
     images.write_png(grid, path, upscale=max(1, 128 // imgs.shape[1]))
-    tmp = os.path.join(workdir, "samples.tmp.npz")
-    np.savez(tmp, arr_0=imgs, arr_1=labels)
-    os.replace(tmp, os.path.join(workdir, "samples.npz"))
+    storage.write_file(os.path.join(workdir, "samples.npz"),
+                       lambda f: np.savez(f, arr_0=imgs, arr_1=labels))
     logging.info("Wrote %d samples (%s guidance, scale %.2f, %s %d steps) to %s", len(imgs),
                  config.guidance.method, config.guidance.scale, config.sampler.method,
                  config.sampler.num_steps, path)

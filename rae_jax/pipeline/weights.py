@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from rae_jax import storage
 from rae_jax.atomic import recover_dir, replace_dir
 
 WEIGHTS = "weights"
@@ -26,25 +26,38 @@ def weights_dir(workdir: str, stage: str) -> str:
 
 
 def has_weights(workdir: str, stage: str) -> bool:
-  recover_dir(weights_dir(workdir, stage))
-  return os.path.exists(os.path.join(weights_dir(workdir, stage), META))
+  if not storage.is_remote(workdir):
+    recover_dir(weights_dir(workdir, stage))
+  return storage.exists(os.path.join(weights_dir(workdir, stage), META))
 
 
 def save_weights(workdir: str, stage: str, params: Any, ema_params: Optional[Any] = None,
                  meta: Optional[dict] = None) -> str:
-  """Atomically (re)writes the snapshot; every process calls it, process 0 publishes it."""
+  """Atomically (re)writes the snapshot; every process calls it, process 0 publishes it.
+
+  Local/NFS: written to `weights.tmp` and renamed. Object stores (no directory rename): meta.json
+  is the snapshot's commit marker; it is deleted first and written last, so a kill in between
+  leaves no snapshot (redo the import), never a mix of two."""
   final = weights_dir(workdir, stage)
-  tmp = final + ".tmp"
-  if jax.process_index() == 0 and os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  remote = storage.is_remote(final)
+  tmp = final if remote else final + ".tmp"
+  if jax.process_index() == 0:
+    if remote and storage.exists(os.path.join(final, META)):
+      storage.remove(os.path.join(final, META))
+    if storage.exists(tmp):
+      storage.rmtree(tmp)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"save_weights {final}")
   tree = {"params": params, "ema_params": params if ema_params is None else ema_params}
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(tmp, "tree")), tree)
+    ckptr.save(storage.abspath(os.path.join(tmp, "tree")), tree)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(tmp, META), "w") as f:
-      json.dump(dict(meta or {}), f, indent=2, default=str)
-    replace_dir(tmp, final)
+    storage.write_text(os.path.join(tmp, META),
+                       json.dumps(dict(meta or {}), indent=2, default=str))
+    if not remote:
+      replace_dir(tmp, final)
   return final
 
 
@@ -52,12 +65,11 @@ def load_weights(workdir: str, stage: str, abstract: Optional[Any] = None) -> tu
   """-> ({'params', 'ema_params'}, meta). `abstract` (ShapeDtypeStructs with shardings for the
   {'params','ema_params'} tree) restores straight into the wanted layout."""
   d = weights_dir(workdir, stage)
-  if not os.path.exists(os.path.join(d, META)):
+  if not storage.exists(os.path.join(d, META)):
     raise FileNotFoundError(f"{d}: no weights snapshot (run --mode=import_torch or train first)")
-  with open(os.path.join(d, META)) as f:
-    meta = json.load(f)
+  meta = json.loads(storage.read_text(os.path.join(d, META)))
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.abspath(os.path.join(d, "tree")), abstract)
+    tree = ckptr.restore(storage.abspath(os.path.join(d, "tree")), abstract)
   return tree, meta
 
 
@@ -67,9 +79,9 @@ def checkpoint_dir(workdir: str, stage: str) -> str:
 
 def latest_checkpoint_step(workdir: str, stage: str) -> Optional[int]:
   d = checkpoint_dir(workdir, stage)
-  if not os.path.isdir(d):
+  if not storage.isdir(d):
     return None
-  with ocp.CheckpointManager(os.path.abspath(d), item_names=("state",)) as m:
+  with ocp.CheckpointManager(storage.abspath(d), item_names=("state",)) as m:
     return m.latest_step()
 
 
@@ -101,7 +113,7 @@ def load_params(workdir: str, stage: str, mesh, which: str = "ema") -> tuple[Any
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
                         shard)
 
-  d = os.path.abspath(checkpoint_dir(workdir, stage))
+  d = storage.abspath(checkpoint_dir(workdir, stage))
   if latest_checkpoint_step(workdir, stage) is not None:
     handlers = {**ckpt_lib.item_handlers(), "state": ocp.PyTreeCheckpointHandler()}
     with ocp.CheckpointManager(d, item_handlers=handlers) as m:
@@ -123,7 +135,7 @@ def load_params(workdir: str, stage: str, mesh, which: str = "ema") -> tuple[Any
         step, params = ckpt_lib.restore_newest_intact(d, steps, restore_step, m.reload)
         return params, f"{d} step {step} ({key})"
   if has_weights(workdir, stage):
-    t = os.path.abspath(os.path.join(weights_dir(workdir, stage), "tree"))
+    t = storage.abspath(os.path.join(weights_dir(workdir, stage), "tree"))
     with ocp.PyTreeCheckpointer() as ckptr:
       abstract = {key: abstract_of(dict(ckptr.metadata(t).item_metadata)[key])}
       tree = ckptr.restore(t, args=_partial_restore_args(abstract))

@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from rae_jax import storage
+
 TMP_MARKER = '.orbax-checkpoint-tmp'
 ITEMS = ('state', 'data', 'config', 'integrity')
 
@@ -93,9 +95,9 @@ def _preemption_service() -> bool:
 
 def incomplete_checkpoints(directory: str | os.PathLike) -> list[str]:
   """Names of step directories left half-written (temporary, never committed)."""
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return []
-  return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
+  return sorted(n for n in storage.listdir(directory) if TMP_MARKER in n)
 
 
 class CheckpointError(RuntimeError):
@@ -184,11 +186,12 @@ REQUIRED_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'state/manifest.ocd
 
 
 def missing_files(step_dir: str) -> list[str]:
-  if not os.path.isdir(step_dir):
+  if not storage.isdir(step_dir):
     return [step_dir]
-  if not os.listdir(step_dir):
+  if not storage.listdir(step_dir):
     return [step_dir + ' (the step directory is empty)']
-  return [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(step_dir, f))]
+  present = set(storage.files_under(step_dir))  # one listing (an object store lists a prefix)
+  return [f for f in REQUIRED_FILES if f not in present]
 
 
 def describe_error(error: BaseException, step_dir: str) -> str:
@@ -198,7 +201,7 @@ def describe_error(error: BaseException, step_dir: str) -> str:
   while e is not None and e not in chain and len(chain) < 20:
     chain.append(e)
     e = e.__cause__ or e.__context__
-  path_re = re.compile(re.escape(os.path.abspath(step_dir)) + r'[^\s"\'\]\),]*')
+  path_re = re.compile(re.escape(storage.abspath(step_dir)) + r'[^\s"\'\]\),]*')
   for e in reversed(chain):
     text = str(e).strip()
     if path_re.search(text):
@@ -278,16 +281,20 @@ def _clip(line: str, n: int = 400) -> str:
 
 
 def quarantine(directory: str, step: int) -> str:
-  """Renames <directory>/<step> to <step>.corrupt[.N] (never deletes); process 0 only, then
-  every process waits for it. Returns the new path."""
+  """Moves <directory>/<step> to <step>.corrupt[.N] (never deletes data); process 0 only, then
+  every process waits for it. Returns the new path.
+
+  Local/NFS: one rename. gs:// (no directory rename): every object is copied to the new name
+  and checked there before the step's objects are deleted, its commit marker first, so a kill
+  mid-way leaves either the untouched step or a complete copy (storage.move_tree)."""
   src = os.path.join(directory, str(step))
   dst = src + '.corrupt'
   n = 0
-  while os.path.exists(dst):
+  while storage.exists(dst):
     n += 1
     dst = f'{src}.corrupt.{n}'
-  if jax.process_index() == 0 and os.path.exists(src):
-    os.rename(src, dst)
+  if jax.process_index() == 0 and storage.exists(src):
+    storage.move_tree(src, dst)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'quarantine {src}')

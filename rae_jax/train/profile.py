@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import jax
 
+from rae_jax import storage
+
 
 class StepProfiler:
   """Starts a trace before step `start_step` runs and stops it once `num_steps` have run."""
@@ -48,7 +50,7 @@ class StepProfiler:
       return
     if step == self.start and not self.active:
       jax.block_until_ready(state)  # earlier steps' work stays out of the trace
-      os.makedirs(self.logdir, exist_ok=True)
+      storage.makedirs(self.logdir)
       jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
       self.active = True
       logging.info("Profiling steps %d..%d into %s", self.start, self.stop_at - 1, self.logdir)
