@@ -102,7 +102,9 @@ def main():
     print(f"class-true samples: {ok}/{n}")
     return
   workdir = args.workdir or tempfile.mkdtemp(prefix="rae_demo_bench_")
-  total, per_mode, sps, _ = run_demo(workdir, args.overrides)
+  total, per_mode, sps, log = run_demo(workdir, args.overrides)
+  with open(os.path.join(workdir, "demo.log"), "w") as f:
+    f.write(log)
   ok, n = score(os.path.join(workdir, "samples.npz"))
   print(f"demo on {cpu_name()}")
   print("| what | value |\n|---|---|")
