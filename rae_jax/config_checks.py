@@ -276,7 +276,7 @@ RESUME_EXEMPT = ("log", "eval", "checkpoint", "resume", "distributed", "sample",
                  # Memory knobs (the recipes pick them per chip): remat never changes the math or
                  # the params. scan_layers does change the param layout, so it is not here.
                  "model.remat", "model.remat_policy", "decoder.remat", "decoder.remat_policy",
-                 "stage1.grad_accum_steps")
+                 "stage1.grad_accum_steps", "stage2.grad_accum_steps")
 # The length of a run (extending it keeps the LR schedule, which is set in epochs).
 RESUME_EXEMPT_SUFFIXES = ("optim.num_steps", "optim.epochs")
 # Sections the other stage's training never reads.
