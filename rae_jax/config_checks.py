@@ -272,7 +272,7 @@ def check(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
 # Sections/fields that cannot change a training run's math: changing them on resume is free.
 RESUME_EXEMPT = ("log", "eval", "checkpoint", "resume", "distributed", "sample", "sampler",
                  "export", "interop", "mesh", "data.num_threads", "data.prefetch", "data.data_dir",
-                 "data.eval_split", "profile", "model.attention_impl",
+                 "data.eval_split", "profile", "compilation_cache", "model.attention_impl",
                  # Memory knobs (the recipes pick them per chip): remat never changes the math or
                  # the params. scan_layers does change the param layout, so it is not here.
                  "model.remat", "model.remat_policy", "decoder.remat", "decoder.remat_policy",

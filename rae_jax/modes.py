@@ -87,6 +87,39 @@ def record_config(config: mlc.ConfigDict, workdir: str, mode: str) -> None:
   (root / f"config.{mode}.json").write_text(text)
 
 
+COMPILATION_CACHE = "compilation_cache"
+
+
+def compilation_cache_dir(config: mlc.ConfigDict, workdir: str) -> str | None:
+  """config.compilation_cache.dir: "" -> <workdir>/compilation_cache, "off" -> None. An empty
+  field defers to $JAX_COMPILATION_CACHE_DIR when that is set."""
+  cc = config.get("compilation_cache") or mlc.ConfigDict(dict(dir="", min_compile_time_s=1.0))
+  if cc.dir == "off":
+    return None
+  if cc.dir:
+    return cc.dir
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, COMPILATION_CACHE)
+
+
+def enable_compilation_cache(config: mlc.ConfigDict, workdir: str) -> str | None:
+  """JAX's persistent compilation cache: a restart (preemption, a second mode) loads the
+  compiled programs instead of compiling again. On a pod every host reads and writes the same
+  folder (a gs:// workdir's cache is on gs://; entries are written whole by one upload)."""
+  path = compilation_cache_dir(config, workdir)
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  from rae_jax import storage  # pylint: disable=g-import-not-at-top
+  storage.makedirs(path)
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  min_s = (config.get("compilation_cache") or {}).get("min_compile_time_s", 1.0)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_s))
+  logging.info("JAX compilation cache: %s", path)
+  return path
+
+
 def run(mode: str, config: mlc.ConfigDict, workdir: str):
   """Initialise multi-host, validate the config (and a resume's drift), take the workdir lock
   (writing modes), record the config, run the mode. A run refused by any check writes nothing."""
@@ -110,6 +143,7 @@ def run(mode: str, config: mlc.ConfigDict, workdir: str):
   with lock:
     if jax.process_index() == 0:
       record_config(config, workdir, mode)
+    enable_compilation_cache(config, workdir)
     logging.info("rae-jax --mode=%s, workdir %s, %d devices on %d processes", mode, workdir,
                  jax.device_count(), jax.process_count())
     return MODES[mode](config, workdir)

@@ -209,6 +209,10 @@ def base_config() -> mlc.ConfigDict:
   c.resume = mlc.ConfigDict(dict(allow_changes=""))
   c.log = mlc.ConfigDict(dict(every_steps=100, sample_every_steps=10000, tensorboard=True,
                               wandb_project=""))
+  # JAX's persistent compilation cache, so a restarted (preempted) run does not recompile:
+  # dir "" = <workdir>/compilation_cache (every host shares it; gs:// works), "off" = disabled,
+  # or any path. Programs that compiled faster than min_compile_time_s are not stored.
+  c.compilation_cache = mlc.ConfigDict(dict(dir="", min_compile_time_s=1.0))
   # jax.profiler trace of steps start_step..start_step+num_steps-1 into <workdir>/profile.
   c.profile = mlc.ConfigDict(dict(start_step=-1, num_steps=3, all_processes=False))
 

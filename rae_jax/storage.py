@@ -37,9 +37,9 @@ def _epath(path):
 
 
 def _fs(path):
-  """The fsspec filesystem behind a URL (the cached instance epath uses)."""
-  import fsspec  # pylint: disable=g-import-not-at-top
-  return fsspec.filesystem(os.fspath(path).split("://", 1)[0])
+  """The fsspec filesystem behind a URL: the instance epath uses (one listing cache to drop)."""
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  return backend.fsspec_backend.fs(os.fspath(path))
 
 
 def _fresh(path) -> None:
@@ -218,6 +218,11 @@ def copy_file(src, dst) -> None:
   elif is_remote(src) and is_remote(dst) and src.split("://")[0] == dst.split("://")[0]:
     _fs(src).copy(os.fspath(src), os.fspath(dst))  # server-side
     _fresh(dst)
+  elif is_remote(src) and not is_remote(dst):
+    makedirs(os.path.dirname(os.path.abspath(dst)))
+    _fs(src).get_file(os.fspath(src), os.fspath(dst))
+  elif is_remote(dst) and not is_remote(src):
+    upload(src, dst)
   else:
     write_file(dst, lambda f: f.write(read_bytes(src)))
 

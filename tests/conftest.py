@@ -35,8 +35,11 @@ def gcs():
   """A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py), shared by the session's tests; each
   test uses its own prefix in the bucket."""
   pytest.importorskip("gcp_storage_emulator")
-  pytest.importorskip("gcsfs")
+  import atexit
   import gcs_emulator
-  emu = gcs_emulator.start()
+  emu = gcs_emulator.start()  # sets the environment gcsfs reads when it is imported
+  # Stopped at exit, after the atexit handlers registered later (tensorboardX's GCS writer
+  # uploads its event file once more there; with the emulator gone it would retry for 120 s).
+  atexit.register(emu.stop)
+  pytest.importorskip("gcsfs")
   yield emu
-  emu.stop()

@@ -1,6 +1,7 @@
 """main.py with an injected disk-full error: the async save of step $RAE_FAIL_SAVE_STEP fails
 when it is committed (as ENOSPC would), for the fault-injection tests. $RAE_STUCK_LIBRARY_THREAD
-starts a non-daemon thread that never ends."""
+starts a non-daemon thread that never ends. $RAE_SIGKILL_ON_LOG kills the process with SIGKILL
+when a log line contains that text."""
 import errno
 import os
 import pathlib
@@ -19,6 +20,20 @@ if os.environ.get('RAE_FAIL_SAVE_STEP'):
       raise OSError(errno.ENOSPC, 'No space left on device (injected)')
     return await _original(self, *args, **kwargs)
   atomicity.AtomicRenameTemporaryPath.finalize = _finalize
+
+if os.environ.get('RAE_SIGKILL_ON_LOG'):
+  # SIGKILL (kill -9: no handler, no flush) the moment a log line contains this text, e.g.
+  # '[stage2] step 4/6': a kill at an exact step, however fast the steps run.
+  import logging
+  import signal
+
+  class _KillOnLog(logging.Handler):
+    def emit(self, record):
+      if os.environ['RAE_SIGKILL_ON_LOG'] in record.getMessage():
+        sys.stderr.write(f'{record.getMessage()}\n(SIGKILL)\n')
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+  logging.getLogger().addHandler(_KillOnLog())
 
 if os.environ.get('RAE_STUCK_LIBRARY_THREAD'):
   # A library thread that never ends (as orbax's save/signalling threads waiting for a commit

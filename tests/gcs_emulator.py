@@ -71,6 +71,7 @@ class Emulator:
     self._saved = {}
 
   def start(self) -> "Emulator":
+    self.server._api.daemon = True  # never keeps the interpreter alive
     self.server.start()
     for k, v in env(self.address).items():
       self._saved[k] = os.environ.get(k)

@@ -39,6 +39,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
 from rae_jax.atomic import recover_dir, replace_dir, set_default_mode
 from rae_jax.interop import decoder_names, hf_encoders, torch_io
 from rae_jax.interop.common import StateDictError, to_numpy
@@ -311,17 +312,26 @@ def to_diffusers(config: mlc.ConfigDict, enc: hf_encoders.HFEncoder, encoder_fol
 
 
 def write_folder(dconfig: Mapping[str, Any], sd: Mapping[str, np.ndarray], final: str) -> str:
-  """config.json + diffusion_pytorch_model.safetensors, published by rename (never half-written)."""
+  """config.json + diffusion_pytorch_model.safetensors, published by rename (never half-written).
+  gs://: staged locally, then uploaded with config.json last (storage.publish_dir)."""
   import diffusers
-  recover_dir(final)
-  tmp = final + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  remote = storage.is_remote(final)
+  if remote:
+    tmp = tempfile.mkdtemp(prefix="rae-diffusers-")
+  else:
+    recover_dir(final)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
   try:
     torch_io.save_safetensors(sd, os.path.join(tmp, WEIGHTS))
     with open(os.path.join(tmp, CONFIG), "w") as f:
       json.dump(dict(dconfig, _diffusers_version=diffusers.__version__), f, indent=2)
-    replace_dir(tmp, final)
+    if remote:
+      storage.publish_dir(tmp, final, CONFIG)
+      shutil.rmtree(tmp, ignore_errors=True)
+    else:
+      replace_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

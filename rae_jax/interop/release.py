@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import tempfile
 from typing import Any, Mapping, Optional
 
 import jax
@@ -30,6 +31,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
 from rae_jax.atomic import recover_dir, replace_dir
 from rae_jax.interop import decoder_names, diffusers_rae, ditdh_names, stats as stats_lib, torch_io
 from rae_jax.interop.common import StateDictError, check_keys
@@ -180,10 +182,31 @@ def resolve_path(spec: str, field: str = "path") -> str:
     logging.info("config.interop.%s: downloading %s", field, spec)
     return hf_hub_download(repo_id=f"{parts[0]}/{repo}", filename="/".join(parts[2:]),
                            revision=revision)
+  if storage.is_remote(spec):  # gs://: a local copy (torch.load / safetensors want files)
+    if not storage.isfile(spec):
+      raise FileNotFoundError(f"config.interop.{field}={spec!r}: no such file")
+    local = os.path.join(_download_dir(), field, os.path.basename(spec))
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    logging.info("config.interop.%s: copying %s to %s", field, spec, local)
+    storage.copy_file(spec, local)
+    return local
   path = os.path.expanduser(spec)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config.interop.{field}={spec!r}: no such file")
   return path
+
+
+def _download_dir() -> str:
+  """A local folder for this process's copies of gs:// inputs, removed at exit."""
+  global _DOWNLOADS
+  if _DOWNLOADS is None:
+    import atexit  # pylint: disable=g-import-not-at-top
+    _DOWNLOADS = tempfile.mkdtemp(prefix="rae-interop-")
+    atexit.register(shutil.rmtree, _DOWNLOADS, True)
+  return _DOWNLOADS
+
+
+_DOWNLOADS: Optional[str] = None
 
 
 def detect_kind(keys) -> Optional[str]:
@@ -549,11 +572,14 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
   manifest = export_manifest(config)
   primary = jax.process_index() == 0
   final = os.path.join(workdir, EXPORT_DIR)
-  tmp = final + ".tmp"
+  # gs:// (no directory rename): staged in a local temporary folder, then published file by
+  # file with README.txt as the commit marker (storage.publish_dir).
+  remote = storage.is_remote(final)
+  tmp = tempfile.mkdtemp(prefix="rae-export-") if remote and primary else final + ".tmp"
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp) if stages else None
   written: dict[str, str] = {}
   try:
-    if primary:
+    if primary and not remote:
       recover_dir(final)
       check_replaceable(final)  # before a byte is written
       if os.path.exists(tmp):  # left by a killed export
@@ -584,12 +610,18 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
     if primary:
       with open(os.path.join(tmp, "README.txt"), "w") as f:
         f.write(_readme(config, which, written))
-      check_replaceable(final)  # again: it may have changed during the conversion
-      _carry_subdir(final, tmp, _DIFFUSERS_SUBDIR)  # export_diffusers' folder survives
-      replace_dir(tmp, final)
+      if remote:
+        storage.publish_dir(tmp, final, "README.txt", keep=(_DIFFUSERS_SUBDIR,))
+        shutil.rmtree(tmp, ignore_errors=True)
+      else:
+        check_replaceable(final)  # again: it may have changed during the conversion
+        _carry_subdir(final, tmp, _DIFFUSERS_SUBDIR)  # export_diffusers' folder survives
+        replace_dir(tmp, final)
     _sync("rae_jax_export_published")
   except BaseException:
-    if primary:
+    if primary and remote:
+      shutil.rmtree(tmp, ignore_errors=True)
+    elif primary:
       _carry_subdir(tmp, final, _DIFFUSERS_SUBDIR)
       shutil.rmtree(tmp, ignore_errors=True)
     raise

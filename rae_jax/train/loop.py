@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from rae_jax import config_checks
+from rae_jax import storage
 from rae_jax.train import checkpoint as checkpoint_lib
 from rae_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from rae_jax.train.profile import StepProfiler
@@ -45,11 +47,40 @@ def image_grid(images: np.ndarray, ncols: Optional[int] = None) -> np.ndarray:
   return (grid * 255.0 + 0.5).astype(np.uint8)
 
 
+def wandb_run_id(workdir) -> str:
+  """A W&B run id that is a pure function of the (stage) workdir: every restart of a run, on any
+  host, resumes the same W&B run."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  path = os.fspath(workdir).rstrip('/')
+  if '://' not in path:
+    path = os.path.abspath(path)
+  name = re.sub(r'[^A-Za-z0-9_-]+', '-', os.path.basename(path))[-40:].strip('-') or 'run'
+  return f'{name}-{hashlib.sha256(path.encode()).hexdigest()[:12]}'
+
+
+def _local_wandb_dir(workdir) -> Optional[str]:
+  """W&B writes its files through the local filesystem: a gs:// workdir gets a local folder."""
+  path = os.fspath(workdir) if workdir else None
+  if path and '://' in path:
+    import tempfile  # pylint: disable=g-import-not-at-top
+    local = os.path.join(tempfile.gettempdir(), 'rae_jax_wandb', wandb_run_id(path))
+    os.makedirs(local, exist_ok=True)
+    return local
+  return path
+
+
 class MetricWriter:
   """Scalars and image grids to TensorBoard (tensorboardX) and optionally W&B; process 0 only.
 
   wandb: None, or a dict of wandb.init kwargs (project, name, ...); skipped with a warning if
-  the package is missing.
+  the package is missing. Unless the dict names an `id`, the run id is derived from the
+  workdir (wandb_run_id) and the run is opened with resume='allow': a run restarted after a
+  preemption continues the same W&B run instead of opening a new one.
+
+  Restarts: train_loop calls `start_at(first step)`; TensorBoard then gets that step as
+  `purge_step`, which hides the events a killed run logged after its last checkpoint (they are
+  logged again by the resumed run), so no step appears twice. W&B drops steps lower than the
+  ones it already has.
   """
 
   def __init__(self, workdir: Optional[str], *, tensorboard: bool = True,
@@ -57,26 +88,75 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     self._tb = None
     self._wandb = None
+    self._purge_step = None
+    self._tb_local = None  # local event folder of a remote logdir
     if not self.active:
       return
     # Created at the first write: a run refused at start (config drift found on resume, a
     # damaged workdir) leaves no event file behind.
     self._tb_dir = (os.path.join(os.fspath(workdir), 'tensorboard') if tensorboard and workdir
                     else None)
+    self._tb_remote = self._tb_dir
     if wandb:
       try:
         import wandb as wandb_lib  # pylint: disable=g-import-not-at-top
         self._wandb = wandb_lib
-        wandb_lib.init(config=config, dir=workdir, **wandb)
+        kwargs = dict(wandb)
+        kwargs.setdefault('id', wandb_run_id(workdir))
+        kwargs.setdefault('resume', 'allow')
+        wandb_dir = kwargs.pop('dir', None) or _local_wandb_dir(workdir)
+        wandb_lib.init(config=config, dir=wandb_dir, **kwargs)
       except ImportError:
         logging.warning('W&B requested (%s) but the wandb package is not installed; skipping.',
                         wandb)
 
+  # gs:// (or another object store): events go to a local file, uploaded whole through the path
+  # layer at most every UPLOAD_EVERY_S seconds and at flush/close (an object is rewritten, never
+  # appended to; a kill loses at most the last interval, which the resumed run logs again).
+  UPLOAD_EVERY_S = 60.0
+
   def _tensorboard(self):
     if self._tb is None and self._tb_dir is not None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(self._tb_dir)
+      logdir = self._tb_dir
+      if storage.is_remote(logdir):
+        import tempfile  # pylint: disable=g-import-not-at-top
+        self._tb_local = logdir = tempfile.mkdtemp(prefix='rae-tensorboard-')
+        self._tb_uploaded = time.monotonic()
+      # A unique suffix: a restart within the same second gets its own event file (the default
+      # name has a 1 s timestamp; on gs:// the second file would replace the first).
+      import uuid  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(logdir, purge_step=self._purge_step,
+                               filename_suffix=f'.{os.getpid()}.{uuid.uuid4().hex[:8]}')
+    if self._tb_local is not None and time.monotonic() - self._tb_uploaded > self.UPLOAD_EVERY_S:
+      self._upload()
     return self._tb
+
+  def _upload_closed(self) -> None:
+    if self._tb_local is not None:
+      import shutil  # pylint: disable=g-import-not-at-top
+      for name in sorted(os.listdir(self._tb_local)):
+        storage.upload(os.path.join(self._tb_local, name), os.path.join(self._tb_remote, name))
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb_local = None
+
+  def _upload(self) -> None:
+    """Copies the local event files of a remote logdir to it (each one upload)."""
+    if self._tb is None or self._tb_local is None:
+      return
+    self._tb.flush()
+    for name in sorted(os.listdir(self._tb_local)):
+      storage.upload(os.path.join(self._tb_local, name), os.path.join(self._tb_remote, name))
+    self._tb_uploaded = time.monotonic()
+
+  def start_at(self, step: int) -> None:
+    """The first step this run logs: events of an earlier (killed) run from `step` on are
+    purged (hidden) in TensorBoard, as this run logs them again."""
+    if not self.active:
+      return
+    if self._tb is not None:
+      logging.warning('MetricWriter.start_at(%d) after the first write: not purged.', step)
+    self._purge_step = int(step)
 
   def scalars(self, step: int, values: dict):
     if not self.active:
@@ -100,11 +180,13 @@ class MetricWriter:
   def flush(self):
     if self._tb is not None:
       self._tb.flush()
+      self._upload()
 
   def close(self):
     self._tb_dir = None
     if self._tb is not None:
       self._tb.close()
+      self._upload_closed()
       self._tb = None
     if self._wandb is not None:
       self._wandb.finish()
@@ -174,6 +256,8 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
   is_main = jax.process_index() == 0
   step = int(jax.device_get(state.step))
   start_step = step
+  if writer is not None:
+    writer.start_at(start_step + 1)  # steps a killed run logged past its checkpoint: once
   pending: list[dict] = []
   tty = is_main and sys.stderr.isatty()
   t_last, step_last = time.perf_counter(), step
