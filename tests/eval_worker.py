@@ -86,7 +86,11 @@ def main(argv=None):
   p.add_argument('--coordinator', required=True)
   p.add_argument('--num_processes', type=int, required=True)
   p.add_argument('--process_id', type=int, required=True)
+  # Where the shard folders go (default --out); with --shards_root=gs://..., only the straight
+  # run and the preempted + resumed run (tests/test_gcs.py).
+  p.add_argument('--shards_root', default=None)
   args = p.parse_args(argv)
+  root = args.shards_root or args.out
   from rae_jax.train import mesh as mesh_lib
   mesh_lib.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from jax.experimental import multihost_utils
@@ -104,10 +108,11 @@ def main(argv=None):
   except AssertionError:
     pass
   bound = bound_sampler(mesh_lib.make_mesh(1, -1))
-  report = {'full': run(bound, os.path.join(args.out, 'full')),
-            'preempted': run(bound, os.path.join(args.out, 'resumed'), PREEMPT_AFTER)}
-  report['resumed'] = run(bound, os.path.join(args.out, 'resumed'))
-  report['cut'] = run(bound, os.path.join(args.out, 'cut'), PREEMPT_AFTER)
+  report = {'full': run(bound, os.path.join(root, 'full')),
+            'preempted': run(bound, os.path.join(root, 'resumed'), PREEMPT_AFTER)}
+  report['resumed'] = run(bound, os.path.join(root, 'resumed'))
+  if not args.shards_root:
+    report['cut'] = run(bound, os.path.join(root, 'cut'), PREEMPT_AFTER)
   with open(os.path.join(args.out, f'process_{jax.process_index()}.json'), 'w') as f:
     json.dump(report, f)
   print('finished', flush=True)

@@ -247,3 +247,47 @@ def test_tracking_survives_restart_on_gcs(gcs, monkeypatch):
   ev = resumed
   assert (4, [], event_pb2.SessionLog.START) in ev  # the purge marker at the resumed step
   assert [s for s, tags, _ in ev if tags] == [4, 5, 6]
+
+
+@pytest.mark.slow
+def test_two_process_eval_shards_on_gcs_match_one_process(gcs, tmp_path):
+  """Two processes (jax.distributed, gloo) write eval shards and parts to one gs:// folder,
+  straight and preempted + resumed; the files equal a one-process run's."""
+  import socket
+  import eval_worker
+  import train_worker
+  from rae_jax import storage
+  from rae_jax.eval import generation
+  from rae_jax.train import mesh as mesh_lib
+  root = _prefix(gcs, "eval")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(train_worker.subprocess_env(devices=4), **{
+      k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "GOOGLE_CLOUD_PROJECT")})
+  procs = [subprocess.Popen(
+      [sys.executable, str(REPO / "tests" / "eval_worker.py"), "--out", str(tmp_path),
+       "--shards_root", root, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
+       "--process_id", str(pid)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for pid in range(2)]
+  bound = eval_worker.bound_sampler(mesh_lib.make_mesh(1, 8))
+  single = generation.generate_shards(bound, eval_worker.toy_labels(), str(tmp_path / "single"),
+                                      eval_worker.SHARD_SIZE, manifest=eval_worker.MANIFEST)
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and "finished" in out, out[-3000:]
+
+  def arrays(paths):
+    out = []
+    for p in paths:
+      with storage.load_npz(p) as z:
+        out.append((z["arr_0"], z["arr_1"], z["indices"]))
+    return [np.concatenate(x) for x in zip(*out)]
+  ref = arrays(single)
+  for run in ("full", "resumed"):
+    files = generation.shard_files(f"{root}/{run}", 30, eval_worker.SHARD_SIZE)
+    assert all(f.startswith("gs://") for f in files)
+    assert any(".part_" in f for f in files)  # shard 2 straddles the two processes
+    for a, b in zip(arrays(files), ref):
+      np.testing.assert_array_equal(a, b)
