@@ -112,8 +112,9 @@ def test_missing_encoder_path_fails_and_ignored_path_warns(tmp_path):
 def test_resume_refuses_changed_run_fields_unless_allowed():
   saved = load_config("demo").to_dict()
   c = load_config("demo")
-  c.stage2.global_batch_size = 128
-  c.stage2.optim.lr = 1e-3
+  bs = c.stage2.global_batch_size
+  c.stage2.global_batch_size = 2 * bs
+  c.stage2.optim.lr = 2 * c.stage2.optim.lr
   c.stage2.ema_decay = 0.9
   c.log.every_steps = 7  # exempt: cannot change the math
   c.stage2.optim.num_steps = 5000  # exempt: extends the run
@@ -123,7 +124,7 @@ def test_resume_refuses_changed_run_fields_unless_allowed():
   with pytest.raises(config_checks.ConfigError) as e:
     config_checks.check_resume(saved, c.to_dict(), stage="stage2")
   msg = str(e.value)
-  for f in ("config.stage2.global_batch_size: 64 -> 128", "config.stage2.optim.lr",
+  for f in (f"config.stage2.global_batch_size: {bs} -> {2 * bs}", "config.stage2.optim.lr",
             "config.stage2.ema_decay", "config.model.scan_layers"):
     assert f in msg, msg
   assert "log.every_steps" not in msg and "num_steps" not in msg and "stage1" not in msg
