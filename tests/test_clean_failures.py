@@ -239,7 +239,8 @@ def test_documented_num_steps_minus_one_is_accepted():
 
 @pytest.mark.parametrize('suffix', ['.pt', '.safetensors'])
 def test_truncated_import_file_is_named(tmp_path, suffix):
-  from rae_jax.interop import release, torch_io
+  from rae_jax.interop import torch_io
+  from rae_jax.pipeline import release
   rng = np.random.default_rng(0)
   sd = {'mean': rng.normal(size=(64, 4, 4)).astype(np.float32),
         'var': rng.uniform(1, 2, size=(64, 4, 4)).astype(np.float32)}
@@ -297,7 +298,7 @@ def test_export_into_unwritable_export_dir_keeps_the_previous_one(tmp_path):
 
 def test_export_into_read_only_mount_keeps_the_previous_one(tmp_path):
   """export/ on a read-only mount (mount -o remount,ro): refused before anything is written."""
-  from rae_jax.interop import release
+  from rae_jax.pipeline import release
   work = tmp_path / 'w'
   _stats_workdir(work)
   with _tmpfs(work / 'export', '1m'):

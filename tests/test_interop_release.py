@@ -16,7 +16,8 @@ from safetensors.torch import save_file as save_safetensors_torch
 
 from rae_jax import presets
 from rae_jax import atomic
-from rae_jax.interop import decoder_names, ditdh_names, release, stats as stats_lib, torch_io
+from rae_jax.interop import decoder_names, ditdh_names, stats as stats_lib, torch_io
+from rae_jax.pipeline import release
 from rae_jax.interop.common import StateDictError, flatten
 from rae_jax.interop.hf_encoders import load_hf_encoder
 from rae_jax.models.rae import RAE

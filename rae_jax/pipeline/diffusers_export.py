@@ -12,10 +12,10 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from rae_jax.interop import diffusers_rae, hf_encoders, release, stats as stats_lib
+from rae_jax.interop import diffusers_rae, hf_encoders, stats as stats_lib
 from rae_jax.interop.common import StateDictError
 from rae_jax.models.vit_encoders import canonical_encoder_name
-from rae_jax.pipeline import builders, weights
+from rae_jax.pipeline import builders, release, weights
 from rae_jax.train import mesh as mesh_lib
 
 

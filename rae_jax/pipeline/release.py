@@ -12,7 +12,7 @@ export_release: whatever the workdir holds (stage-2 / guide / decoder weights, l
 which official class and constructor arguments load each with strict=True. It is written to a
 temp dir and renamed, so an existing export is never half-overwritten.
 
-    from rae_jax.interop import release
+    from rae_jax.pipeline import release
     config.interop.stage2_model = "hf://nyu-visionx/RAE-collections/models/DiTs/.../stage2_model.pt"
     release.import_release(config, workdir)           # -> workdir/stage2/weights
     release.export_release(config, workdir, "ema")    # -> workdir/export/stage2_model.pt, ...
@@ -421,7 +421,7 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
         info.update(num_params=int(sum(np.size(x) for x in jax.tree.leaves(converted))),
                     written=weights.weights_dir(workdir, item.stage), entries=_entries(item))
         meta = dict(info, model_config=_stage_config(config, item.stage),
-                    imported_by="rae_jax.interop.release.import_release")
+                    imported_by="rae_jax.pipeline.release.import_release")
         weights.save_weights(staging, item.stage, params, converted, meta)
         del params
         if weights.latest_checkpoint_step(workdir, item.stage) is not None:
