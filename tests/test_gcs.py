@@ -168,6 +168,8 @@ def test_demo_on_gcs_kill_resume_eval_export(gcs, tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert "[stage2] step 4/6" in proc.stderr and "[stage2] step 5/6" not in proc.stderr
+  # Progress of the long passes as log lines (not a terminal): images/s, and the bar at 100%.
+  assert "stats: 100%" in proc.stderr and "img/s" in proc.stderr
   assert not os.path.exists(REPO / "gs:")  # no POSIX path was made out of the URL
   assert storage.exists(f"{work}/stats/stat.npz")
   assert storage.listdir(f"{work}/{'compilation_cache'}")
@@ -182,6 +184,7 @@ def test_demo_on_gcs_kill_resume_eval_export(gcs, tmp_path):
 
   # 3. Eval (sharded generation + scores) and export, all on gs://.
   log = _run(_cmd(work, "--mode=eval", *EVAL), env)
+  assert "eval: generating: 100%" in log and "eval: scoring: 100%" in log, log[-3000:]
   import json
   metrics = json.loads(storage.read_text(f"{work}/eval/metrics.json"))
   assert metrics["random_inception"] is True and np.isfinite(metrics["inception_score"])

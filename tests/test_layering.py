@@ -17,19 +17,20 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "rae_jax"
 ALLOWED = {
-    "models": {"storage"},
+    "models": {"storage", "progress"},
     "diffusion": {"models"},
     "losses": {"models", "storage"},
-    "data": {"storage"},
-    "train": {"config_checks", "atomic", "storage"},
-    "eval": {"models", "diffusion", "train", "storage"},
+    "data": {"storage", "progress"},
+    "train": {"config_checks", "atomic", "storage", "progress"},
+    "eval": {"models", "diffusion", "train", "storage", "progress"},
     "interop": {"models", "losses", "eval", "train", "atomic", "storage"},
     "pipeline": {"models", "diffusion", "losses", "data", "train", "eval", "interop",
-                 "config_checks", "presets", "atomic", "storage"},
+                 "config_checks", "presets", "atomic", "storage", "progress"},
     "config_checks": {"models", "storage"},
     "presets": set(),
     "atomic": set(),
     "storage": {"atomic"},  # the one path layer (contract C8): every layer may use it
+    "progress": set(),  # tqdm bars of the long passes: every layer may use it
     "workdir_lock": {"storage"},
     "modes": {"config_checks", "train", "pipeline", "presets", "workdir_lock", "storage"},
     "__init__": set(),  # rae_jax/__init__.py: importing anything would load it for every user

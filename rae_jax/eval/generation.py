@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rae_jax import storage
+from rae_jax import progress, storage
 from rae_jax.eval import metrics as metrics_lib
 from rae_jax.train import mesh as mesh_lib
 
@@ -347,6 +347,8 @@ def generate_shards(sample_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
   pieces = _pieces(todo, ranges, lo, hi)
   pending: list[np.ndarray] = []
   written = have = 0
+  bar = progress.bar(hi - lo, "eval: generating (process 0's part)" if nproc > 1
+                     else "eval: generating")
   for start in range(lo, lo + chunk, step):
     idx = stream[start:min(start + step, hi)]
     n = len(idx)
@@ -354,6 +356,7 @@ def generate_shards(sample_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
       idx = stream[:1]
     pending.append(np.asarray(call(labels[idx], idx))[:n])
     have += n
+    bar.update(n)
     while pieces and pieces[0][3] <= have:
       i, a, b, end = pieces.pop(0)
       rows = np.concatenate(pending)
@@ -365,6 +368,7 @@ def generate_shards(sample_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
                    path)
       if on_shard is not None:
         on_shard(i, path)
+  bar.close()
   _barrier("rae_jax_eval_shards_done")
   return shard_files(directory, len(labels), shard_size)
 

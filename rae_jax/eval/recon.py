@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rae_jax import progress
 from rae_jax.eval import generation
 from rae_jax.eval import inception
 from rae_jax.eval import metrics as metrics_lib
@@ -93,7 +94,9 @@ def evaluate_reconstruction(rae, rae_vars: Any, reader: scoring.Reader, num_imag
   psnrs, ssims = [], []
   stats = {k: metrics_lib.FeatureStats.empty(inception.POOL3_DIM) for k in ("ref", "rec")}
   kept = {"ref": [], "rec": []}
+  bar = progress.bar(num_images, "eval_recon")
   for x, n in scorer.global_batches(reader, num_images):
+    bar.update(n)
     images, p, s = recon(rae_vars, x)
     psnrs.append(np.asarray(p)[:n])
     ssims.append(np.asarray(s)[:n])
@@ -101,6 +104,7 @@ def evaluate_reconstruction(rae, rae_vars: Any, reader: scoring.Reader, num_imag
       f = scorer.features(batch)[0][:n]
       stats[k] = stats[k].update(f)
       kept[k].append(f if keep else f[:0])
+  bar.close()
   f_ref, f_rec = (scoring.Features(stats[k], np.concatenate(kept[k]), np.zeros((0, 0)))
                   for k in ("ref", "rec"))
   out = {"num_images": int(num_images),

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from rae_jax import storage
+from rae_jax import progress, storage
 from rae_jax.eval import inception
 from rae_jax.eval import metrics as metrics_lib
 from rae_jax.train import mesh as mesh_lib
@@ -122,8 +122,13 @@ def accumulate(batches: Iterator[tuple[np.ndarray, np.ndarray]],
 
 
 def extract(scorer: Scorer, reader: Reader, num_images: int,
-            max_kept: Optional[int] = None) -> Features:
-  return accumulate(scorer.batches(reader, num_images), max_kept)
+            max_kept: Optional[int] = None, desc: str = "inception features") -> Features:
+  def counted():
+    with progress.bar(num_images, desc) as bar:
+      for p, z in scorer.batches(reader, num_images):
+        bar.update(len(p))
+        yield p, z
+  return accumulate(counted(), max_kept)
 
 
 # --------------------------------------------------------------------------- readers

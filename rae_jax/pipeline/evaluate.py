@@ -130,7 +130,7 @@ def run_eval(config: mlc.ConfigDict, workdir: str, *, mesh=None,
 
   scorer = loaders.scorer_from_config(config, mesh)
   feats = scoring.extract(scorer, generation.ShardReader(paths), len(labels),
-                          max_kept=len(labels))
+                          max_kept=len(labels), desc="eval: scoring")
   reference = resolve_reference(config, workdir, scorer)
   m = scoring.score(feats, reference, is_random=scorer.is_random)
   sm = config.sampler
@@ -151,7 +151,7 @@ def run_fid_stats(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> str:
   n = len(source)
   logging.info("fid_stats: Inception features of %d images of %s", n, config.data.source)
   reader = scoring.source_reader(source, resolve_num_threads(config.data.num_threads))
-  feats = scoring.extract(scorer, reader, n, max_kept=config.eval.num_samples)
+  feats = scoring.extract(scorer, reader, n, max_kept=config.eval.num_samples, desc="fid_stats")
   skipped = scoring.total_skipped(reader)
   path = os.path.join(eval_dir(workdir), FID_STATS)
   if common.is_main():

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from rae_jax import data as data_lib
-from rae_jax import storage
+from rae_jax import progress, storage
 from rae_jax.interop import stats as stats_io
 from rae_jax.pipeline import builders, common
 from rae_jax.train import mesh as mesh_lib
@@ -142,7 +142,9 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
   batch_moments = jax.jit(mesh_lib.traced_under(mesh, batch_moments))
 
   count, mean, m2 = 0.0, None, None
+  bar = progress.bar(len(source), "stats")
   for b, images, _, valid, _ in full_pass(source, mesh, gb, flips, config.data.num_threads):
+    bar.update(min(gb, len(source) - b * gb))
     gvalid = mesh_lib.global_batch(mesh, {"v": valid}, gb)["v"]
     c, mu, q = jax.device_get(batch_moments(rep, images, gvalid))
     c, mu, q = float(c), mu.astype(np.float64), q.astype(np.float64)
@@ -156,6 +158,7 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
       mean = mean + delta * (c / tot)
       m2 = m2 + q + delta ** 2 * (count * c / tot)
       count = tot
+  bar.close()
   if mean is None:
     raise RuntimeError("stats: no readable example in the training set")
   var = m2 / count
@@ -225,8 +228,10 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
 
   no_flip = np.zeros(len(source), bool)
   num_batches = -(-len(source) // gb)
+  bar = progress.bar(len(source), "cache_latents", initial=int(done_mask.sum()))
   for b, images, idx, valid, labels in full_pass(source, mesh, gb, no_flip,
                                                  config.data.num_threads, skip=batch_done):
+    bar.update(min(gb, len(source) - b * gb))
     keep = valid & ~np.isin(idx, list(done))
     z = encode_both(rep, images)
     local = np.concatenate([np.asarray(s.data) for s in sorted(
@@ -235,6 +240,7 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
       writer.append(local[keep], labels[keep], idx[keep])
     if b % 50 == 0:
       logging.info("cache_latents: batch %d/%d", b + 1, num_batches)
+  bar.close()
   _sync(f"cache_latents written {directory}")
   count = len(data_lib.cached_indices(directory))
   if common.is_main():
