@@ -17,6 +17,7 @@ from rae_jax.train import mesh as mesh_lib
 from rae_jax.train import optim as optim_lib
 from rae_jax.train import sharding as sharding_lib
 from rae_jax.train.checkpoint import Checkpointer
+from rae_jax.train.multihost import is_main  # noqa: F401  (pipeline modules call common.is_main)
 
 
 def make_mesh(config: mlc.ConfigDict):
@@ -77,10 +78,6 @@ def writer(config: mlc.ConfigDict, workdir: str, stage: str) -> loop_lib.MetricW
                                wandb=({"project": config.log.wandb_project}
                                       if config.log.wandb_project else None),
                                config=config.to_dict())
-
-
-def is_main() -> bool:
-  return jax.process_index() == 0
 
 
 def replicated(mesh, tree: Any) -> Any:

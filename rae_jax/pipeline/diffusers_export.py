@@ -17,6 +17,7 @@ from rae_jax.interop.common import StateDictError
 from rae_jax.models.vit_encoders import canonical_encoder_name
 from rae_jax.pipeline import builders, release, weights
 from rae_jax.train import mesh as mesh_lib
+from rae_jax.train import multihost
 
 
 def export_diffusers(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> str:
@@ -50,9 +51,7 @@ def export_diffusers(config: mlc.ConfigDict, workdir: str, which: str = "ema") -
   final = os.path.join(workdir, diffusers_rae.EXPORT_SUBDIR)
   if jax.process_index() == 0:
     diffusers_rae.write_folder(dconfig, sd, final)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("rae_jax_export_diffusers")
+  multihost.barrier("rae_jax_export_diffusers")
   logging.info("export_diffusers: %s <- decoder %s (%s), encoder %s, stats %s", final, source,
                which, config.encoder.path, stats_file)
   return final

@@ -38,6 +38,7 @@ from rae_jax.interop.common import StateDictError, check_keys
 from rae_jax.models.decoder import ViTDecoder, decoder_from_hf_config
 from rae_jax.models.ditdh import DiTDH
 from rae_jax.pipeline import builders, weights
+from rae_jax.train import multihost
 
 EXPORT_DIR = "export"
 STAGING_DIR = ".import_staging"
@@ -362,12 +363,6 @@ def _stage_config(config: mlc.ConfigDict, stage: str) -> dict:
   return decoder_torch_config(config)
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
   """Import the official files named in config.interop into `workdir` (replacing earlier imports
   of the same stages). Returns {stage: {'source', 'spec', 'entry', 'kind', 'num_params' | 'keys',
@@ -395,7 +390,7 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
   try:
     if primary and os.path.exists(staging):
       shutil.rmtree(staging)
-    _sync("rae_jax_import_staging")
+    multihost.barrier("rae_jax_import_staging")
     for item in items:
       info = dict(source=item.tensors.path, spec=item.spec, entry=item.tensors.entry,
                   kind=_expected_kind(config, item.stage))
@@ -431,7 +426,7 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
       summary[item.stage] = info
       logging.info("import_torch: %s <- %s (%s; entries %s)", item.stage, item.tensors.path,
                    info["kind"], info.get("entries", item.tensors.entry))
-    _sync("rae_jax_import_converted")
+    multihost.barrier("rae_jax_import_converted")
     if primary:
       for item in items:
         if item.stage == ENCODER:
@@ -445,7 +440,7 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
           os.makedirs(os.path.dirname(dst), exist_ok=True)
           replace_dir(weights.weights_dir(staging, item.stage), dst)
       shutil.rmtree(staging)
-    _sync("rae_jax_import_published")
+    multihost.barrier("rae_jax_import_published")
   except BaseException:
     if primary:
       shutil.rmtree(workdir if created else staging, ignore_errors=True)
@@ -617,7 +612,7 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
         check_replaceable(final)  # again: it may have changed during the conversion
         _carry_subdir(final, tmp, _DIFFUSERS_SUBDIR)  # export_diffusers' folder survives
         replace_dir(tmp, final)
-    _sync("rae_jax_export_published")
+    multihost.barrier("rae_jax_export_published")
   except BaseException:
     if primary and remote:
       shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from rae_jax import storage
 from rae_jax.atomic import recover_dir, replace_dir
+from rae_jax.train import multihost
 
 WEIGHTS = "weights"
 META = "meta.json"
@@ -46,9 +47,7 @@ def save_weights(workdir: str, stage: str, params: Any, ema_params: Optional[Any
       storage.remove(os.path.join(final, META))
     if storage.exists(tmp):
       storage.rmtree(tmp)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f"save_weights {final}")
+  multihost.barrier(f"save_weights {final}")
   tree = {"params": params, "ema_params": params if ema_params is None else ema_params}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(storage.abspath(os.path.join(tmp, "tree")), tree)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from rae_jax import storage
+from rae_jax.train import multihost
 
 TMP_MARKER = '.orbax-checkpoint-tmp'
 ITEMS = ('state', 'data', 'config', 'integrity')
@@ -295,9 +296,7 @@ def quarantine(directory: str, step: int) -> str:
     dst = f'{src}.corrupt.{n}'
   if jax.process_index() == 0 and storage.exists(src):
     storage.move_tree(src, dst)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f'quarantine {src}')
+  multihost.barrier(f'quarantine {src}')
   return dst
 
 
