@@ -215,3 +215,21 @@ def test_num_threads_defaults_to_usable_cores_and_is_logged_once(monkeypatch, ca
   c.data.num_threads = -1
   with pytest.raises(config_checks.ConfigError, match="config.data.num_threads=-1"):
     config_checks.check(c, "all", num_devices=8)
+
+
+def test_tfds_on_gcs_stops_at_start_with_the_fix(built, gcs, monkeypatch):
+  """A data_dir on gs://: tfds reads the metadata through etils (len works), but array_record's
+  C++ reader cannot read the records from object storage (google/array_record#120; against the
+  emulator it waits without an answer), so the source stops at start naming the fix instead of
+  hanging in the loader threads."""
+  import uuid
+  from rae_jax import storage
+  from rae_jax.data import tfds_source
+  _, data_dir = built
+  remote = gcs.url(f"tfds-{uuid.uuid4().hex[:8]}")
+  storage.copy_tree(str(data_dir), remote)
+  monkeypatch.setattr(tfds_source, "REMOTE_PROBE_TIMEOUT_S", 5.0)
+  with pytest.raises(OSError, match="cannot be read from object storage") as e:
+    make_source(_cfg("tfds", tfds_name=NAME, data_dir=remote))
+  assert "gcloud storage cp" in str(e.value) and "gcsfuse" in str(e.value)
+  assert remote in str(e.value)

@@ -15,7 +15,9 @@ tensorflow. Preparing ImageNet (`tfds build imagenet2012 --file_format=array_rec
 from __future__ import annotations
 
 import io
+import os
 import re
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -77,7 +79,53 @@ def _open_array_record(tfds, name: str, split: str, data_dir: str | None, image_
                      f"data.eval_split); it has {sorted(builder.info.splits)}")
   decoders = ({image_key: tfds.decode.SkipDecoding()}
               if image_key in builder.info.features else None)
-  return builder.as_data_source(split=split, decoders=decoders, file_format="array_record"), builder
+  source = builder.as_data_source(split=split, decoders=decoders, file_format="array_record")
+  if "://" in str(builder.data_dir) and len(source):
+    _probe_remote_read(source, name, str(builder.data_dir))
+  return source, builder
+
+
+# How long the first record of a dataset on gs:// may take before the run stops (seconds).
+REMOTE_PROBE_TIMEOUT_S = float(os.environ.get("RAE_REMOTE_DATA_PROBE_S", "60"))
+
+
+def _probe_remote_read(source, name: str, data_dir: str) -> None:
+  """Reads record 0 of a dataset on object storage once, with a deadline, before training.
+
+  tfds reads its metadata from gs:// through etils, but the records go to array_record's C++
+  reader, whose open-source builds (riegeli's FdReader) cannot open gs:// objects: they fail
+  ("open() failed: No such file or directory", google/array_record#120), or, in builds with
+  a GCS reader that cannot reach its endpoint, wait without an answer. Either way the run must
+  stop at start with the fix, not hang in the loader threads."""
+  result: dict = {}
+
+  def read():
+    try:
+      source[0]
+      result["ok"] = True
+    except BaseException as e:  # pylint: disable=broad-except
+      result["error"] = e
+
+  thread = threading.Thread(target=read, name="tfds-remote-probe", daemon=True)
+  thread.start()
+  thread.join(REMOTE_PROBE_TIMEOUT_S)
+  if result.get("ok"):
+    return
+  try:
+    import array_record  # pylint: disable=g-import-not-at-top
+    version = getattr(array_record, "__version__", "")
+  except ImportError:
+    version = ""
+  why = (f"{type(result['error']).__name__}: {str(result['error']).strip().splitlines()[0]}"
+         if "error" in result else
+         f"no answer within {REMOTE_PROBE_TIMEOUT_S:.0f} s (RAE_REMOTE_DATA_PROBE_S)")
+  raise OSError(
+      f"tfds dataset '{name}' in {data_dir} (data.data_dir): its ArrayRecord files cannot be read "
+      f"from object storage by this array_record{' ' + version if version else ''} ({why}); "
+      "the metadata reads through etils, the records through array_record's own file layer, "
+      "which reads local paths. Copy the prepared dataset to local disk (e.g. `gcloud storage cp "
+      f"-r {data_dir.rstrip('/')}/{name} /data/tfds/`) and set data.data_dir=/data/tfds, or mount "
+      "the bucket with gcsfuse and point data.data_dir at the mount")
 
 
 class TfdsSource:
