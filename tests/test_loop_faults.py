@@ -50,6 +50,9 @@ class Recorder:
   def __init__(self):
     self.rows = []
 
+  def start_at(self, step):  # the writer protocol: first step this run logs (purge on resume)
+    self.first_step = step
+
   def scalars(self, step, values):
     self.rows.append((step, dict(values)))
 

@@ -29,15 +29,13 @@ from absl import logging
 from rae_jax import progress, storage
 from rae_jax.eval import metrics as metrics_lib
 from rae_jax.train import mesh as mesh_lib
+from rae_jax.train import multihost
+
 
 MANIFEST = "manifest.json"
 # Tags folded into the run seed, so evaluation draws never coincide with training draws.
 EVAL_NOISE_TAG = 0x5EED
 LABEL_TAG = 0x1ABE
-
-
-def is_main() -> bool:
-  return jax.process_index() == 0
 
 
 def eval_seed_key(seed: int) -> jax.Array:
@@ -123,7 +121,7 @@ class ShardedSampler:
   def __call__(self, params, guide_params, rae_vars, labels: np.ndarray, indices: np.ndarray,
                seed_key: jax.Array) -> np.ndarray:
     """All samples on every host: for small previews only (large sets: generate_shards)."""
-    return np.concatenate([fetch(x)[:k] for x, k in self.batches(
+    return np.concatenate([multihost.gather_to_host(x)[:k] for x, k in self.batches(
         params, guide_params, rae_vars, labels, indices, seed_key)])
 
 
@@ -139,16 +137,6 @@ def local_rows(x: jax.Array, rows: slice) -> np.ndarray:
     raise ValueError(f"process {jax.process_index()} holds rows {starts[0]}..{starts[0] + len(out)}"
                      f" of the batch, expected {rows.start}..{rows.stop}")
   return out
-
-
-def fetch(x: jax.Array) -> np.ndarray:
-  """A batch-sharded array on the host. One process: straight from its shards (no on-device
-  all-gather). Several: gathered to every process (previews only; bulk generation writes
-  per process, see generate_shards)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # --------------------------------------------------------------------------- shards
@@ -220,7 +208,7 @@ def _check_manifest(directory: str, manifest: dict) -> None:
           f"{directory} holds samples of a different evaluation (changed: {changed}; e.g. "
           f"{changed[0]}: {old.get(changed[0])!r} -> {new.get(changed[0])!r}). Delete that "
           "directory or use another workdir to start a new evaluation.")
-  elif is_main():
+  elif multihost.is_main():
     storage.makedirs(directory)
     storage.write_text(path, json.dumps(manifest, indent=2, default=str))
 
@@ -231,12 +219,6 @@ def _agree(mask: np.ndarray) -> np.ndarray:
     return mask
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.broadcast_one_to_all(mask.astype(np.int32))).astype(bool)
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def _complete_shards(directory: str, ranges, labels: np.ndarray) -> np.ndarray:
@@ -334,7 +316,7 @@ def generate_shards(sample_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     call = sample_fn
     step = int(batch_size or getattr(sample_fn, "global_batch", 0) or shard_size)
   # Process 0 decides and cleans up before the broadcast, which nobody passes before it does.
-  done = _agree(_complete_shards(directory, ranges, labels) if is_main()
+  done = _agree(_complete_shards(directory, ranges, labels) if multihost.is_main()
                 else np.zeros(len(ranges), bool))
   if done.any():
     logging.info("eval: %d of %d shards already in %s; generating the other %d", done.sum(),
@@ -369,7 +351,7 @@ def generate_shards(sample_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
       if on_shard is not None:
         on_shard(i, path)
   bar.close()
-  _barrier("rae_jax_eval_shards_done")
+  multihost.barrier("rae_jax_eval_shards_done")
   return shard_files(directory, len(labels), shard_size)
 
 

@@ -12,7 +12,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import os
 import threading
 from typing import Any, Callable, Iterator, Optional
 

@@ -17,7 +17,6 @@ from rae_jax.train import mesh as mesh_lib
 from rae_jax.train import optim as optim_lib
 from rae_jax.train import sharding as sharding_lib
 from rae_jax.train.checkpoint import Checkpointer
-from rae_jax.train.multihost import is_main  # noqa: F401  (pipeline modules call common.is_main)
 
 
 def make_mesh(config: mlc.ConfigDict):

@@ -25,6 +25,7 @@ from rae_jax import storage
 from rae_jax.data import make_source, resolve_num_threads
 from rae_jax.eval import generation, recon, scoring
 from rae_jax.pipeline import builders, common, generate, images, loaders, weights
+from rae_jax.train import multihost
 
 EVAL_DIR = "eval"
 FID_STATS = "fid_stats.npz"
@@ -122,7 +123,7 @@ def run_eval(config: mlc.ConfigDict, workdir: str, *, mesh=None,
                                      e.shard_size, manifest=_fingerprint(config, workdir),
                                      on_shard=on_shard)
   samples = os.path.join(out, "samples.npz")
-  if common.is_main():
+  if multihost.is_main():
     generation.assemble_samples_npz(paths, samples)
     logging.info("eval: wrote %d samples to %s", len(labels), samples)
     if e.write_pngs:
@@ -154,7 +155,7 @@ def run_fid_stats(config: mlc.ConfigDict, workdir: str, *, mesh=None) -> str:
   feats = scoring.extract(scorer, reader, n, max_kept=config.eval.num_samples, desc="fid_stats")
   skipped = scoring.total_skipped(reader)
   path = os.path.join(eval_dir(workdir), FID_STATS)
-  if common.is_main():
+  if multihost.is_main():
     desc = f"{config.data.source}:{config.data.tfds_name if config.data.source == 'tfds' else ''}"
     scoring.save_stats(path, feats, is_random=scorer.is_random,
                        source=f"{desc}{config.data.path}:{config.data.split}",
@@ -228,7 +229,7 @@ def make_online_eval_hook(config: mlc.ConfigDict, workdir: str, *, mesh, model, 
     scalars = {f"online_eval/{k}": v for k, v in m.items() if isinstance(v, float)}
     if writer is not None:
       writer.scalars(step, scalars)
-    if common.is_main():
+    if multihost.is_main():
       # Rewritten whole (object stores have no append); one short line per online eval.
       path = os.path.join(eval_dir(workdir), "online_metrics.jsonl")
       old = storage.read_text(path) if storage.exists(path) else ""

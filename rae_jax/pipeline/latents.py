@@ -21,6 +21,7 @@ from rae_jax import progress, storage
 from rae_jax.interop import stats as stats_io
 from rae_jax.pipeline import builders, common
 from rae_jax.train import mesh as mesh_lib
+from rae_jax.train import multihost
 
 LATENT_CACHE = "latents"
 FINGERPRINT = "fingerprint.json"
@@ -46,12 +47,6 @@ def _read_json(path: str) -> Optional[dict]:
 
 def _write_json(path: str, value: dict) -> None:
   storage.write_text(path, json.dumps(value, indent=2, sort_keys=True))
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def _diff(old: Optional[dict], new: dict) -> str:
@@ -162,7 +157,7 @@ def compute_stats(config: mlc.ConfigDict, workdir: str) -> str:
   if mean is None:
     raise RuntimeError("stats: no readable example in the training set")
   var = m2 / count
-  if common.is_main():
+  if multihost.is_main():
     stats_io.save_stats({"mean": mean.astype(np.float32), "var": var.astype(np.float32)}, path)
     _write_json(path + ".json", fp)  # after the stats: a kill in between means "redo"
     logging.info("stats: %d examples, latent %s, mean |mu| %.4f, mean var %.4f -> %s",
@@ -198,23 +193,23 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
     while storage.exists(stale):
       k += 1
       stale = f"{directory}.stale.{k}"
-    if common.is_main():
+    if multihost.is_main():
       storage.move_tree(directory, stale)  # gs://: copy, check, then delete (never loses data)
-    _sync(f"cache_latents stale {directory}")
+    multihost.barrier(f"cache_latents stale {directory}")
     logging.warning("cache_latents: %s does not match this config (%s); moved aside to %s",
                     directory, _diff(saved, fp), stale)
   elif storage.exists(os.path.join(directory, COMPLETE)):
     logging.info("cache_latents: %s is complete and matches this config; reused", directory)
     return directory
   storage.makedirs(directory)
-  if common.is_main():
+  if multihost.is_main():
     _write_json(os.path.join(directory, FINGERPRINT), fp)
   mesh = common.make_mesh(config)
   rae, variables = builders.build_rae(config, workdir, with_stats=False)
   source = data_lib.make_source(config.data)
   gb = config.eval.per_device_batch * jax.device_count()
   done = set(data_lib.cached_indices(directory).tolist())
-  _sync(f"cache_latents read {directory}")  # everyone saw `done` before anyone writes
+  multihost.barrier(f"cache_latents read {directory}")  # everyone saw `done` before anyone writes
   done_mask = np.zeros(len(source), bool)
   done_mask[[i for i in done if i < len(source)]] = True
 
@@ -241,9 +236,9 @@ def cache_latents(config: mlc.ConfigDict, workdir: str) -> str:
     if b % 50 == 0:
       logging.info("cache_latents: batch %d/%d", b + 1, num_batches)
   bar.close()
-  _sync(f"cache_latents written {directory}")
+  multihost.barrier(f"cache_latents written {directory}")
   count = len(data_lib.cached_indices(directory))
-  if common.is_main():
+  if multihost.is_main():
     _write_json(os.path.join(directory, COMPLETE), {"num_examples": count})
   logging.info("cache_latents: %s holds %d examples", directory, count)
   return directory

@@ -13,6 +13,7 @@ from rae_jax import storage
 from rae_jax.eval import generation
 from rae_jax.pipeline import common, generate, images
 from rae_jax.pipeline.loaders import load_models
+from rae_jax.train import multihost
 
 
 def requested_labels(config: mlc.ConfigDict) -> np.ndarray:
@@ -51,7 +52,7 @@ def run_sample(config: mlc.ConfigDict, workdir: str) -> str:
   key = jax.random.PRNGKey(config.seed)
   imgs = generate_batched(config, gen, params, guide_params, rae_vars, labels, mesh, key)
   path = os.path.join(workdir, "samples.png")
-  if common.is_main():
+  if multihost.is_main():
     grid = images.make_grid(imgs, config.sample.grid_cols)
     images.write_png(grid, path, upscale=max(1, 128 // imgs.shape[1]))
     storage.write_file(os.path.join(workdir, "samples.npz"),

@@ -45,6 +45,7 @@ from rae_jax.train import memory as memory_lib
 from rae_jax.train import mesh as mesh_lib
 from rae_jax.train import step as step_lib
 from rae_jax.train.state import TrainState, init_train_state
+from rae_jax.train import multihost
 
 LPIPS_LIN_FILE = "vgg.pth"
 LPIPS_VGG_GLOB = "vgg16*.pth"
@@ -577,7 +578,7 @@ def _sample_hook(config, workdir, rae, enc_params, source, mesh, writer, num: in
     rec = np.asarray(jax.device_get(recon(state.ema_params, enc_params, x)))
     pair = np.concatenate([originals, rec], 0)
     writer.images(step, "stage1/reconstructions", pair)
-    if common.is_main():
+    if multihost.is_main():
       grid = images.make_grid(images.to_uint8(pair), n)
       images.write_png(grid, os.path.join(workdir, builders.STAGE1_DIR, "samples",
                                           f"step_{step:08d}.png"))

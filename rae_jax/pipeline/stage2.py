@@ -21,6 +21,7 @@ from rae_jax.train import mesh as mesh_lib
 from rae_jax.train import step as step_lib
 from rae_jax.train.state import init_train_state
 from rae_jax.train.step import make_train_step
+from rae_jax.train import multihost
 
 
 def normalise(z: jax.Array, stats: dict, eps: float) -> jax.Array:
@@ -211,7 +212,7 @@ def _sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer,
       return
     imgs = sampler(state.ema_params, guide_params, rae_vars, labels, idx, key)  # uint8
     writer.images(step, "stage2/samples", imgs.astype(np.float32) / 255.0)
-    if common.is_main():
+    if multihost.is_main():
       grid = images.make_grid(imgs, config.sample.grid_cols)
       images.write_png(grid, os.path.join(workdir, builders.STAGE2_DIR, "samples",
                                           f"step_{step:08d}.png"))

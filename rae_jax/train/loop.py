@@ -21,6 +21,7 @@ import numpy as np
 from rae_jax import config_checks
 from rae_jax import storage
 from rae_jax.train import checkpoint as checkpoint_lib
+from rae_jax.train import multihost
 from rae_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from rae_jax.train.profile import StepProfiler
 
@@ -253,7 +254,7 @@ def train_loop(train_step: Callable, state: Any, data_iter: Iterator, *, num_ste
   owns_preemption = preemption is None
   if owns_preemption:
     preemption = PreemptionFlag()
-  is_main = jax.process_index() == 0
+  is_main = multihost.is_main()
   step = int(jax.device_get(state.step))
   start_step = step
   if writer is not None:
