@@ -27,7 +27,7 @@ Rows (float32, this CPU, same shapes both sides; --steps/--num_images/--repeats/
   Euler + CFG sampling --num_images images end to end: the official ODE sampler (Euler,
                        num_steps=--steps time points, shifted grid, CFG 1.5 on the doubled batch)
                        of DiTDH-S, then the RAE decoder (ViT-B, official configs/decoder/ViTB,
-                       patch 16 -> 256 px). Ours: pipeline.generate.make_generate, jitted.
+                       patch 16 -> 256 px). Ours: pipeline.image_generator.make_generate, jitted.
   stage-1 step         batch --s1_batch at --s1_image_size px: noise-augmented encode (DINOv2-B at
                        --s1_encoder_input), ViT-B decoder, L1 + LPIPS (VGG16), GAN term with the
                        adaptive weight through DINO-S/8 + DiffAug, AdamW; then one D update (fresh
@@ -354,7 +354,7 @@ def jax_stage2(args, out):
   import optax  # pylint: disable=g-import-not-at-top
   from rae_jax import presets  # pylint: disable=g-import-not-at-top
   from rae_jax.models.ditdh import DiTDH  # pylint: disable=g-import-not-at-top
-  from rae_jax.pipeline import builders, generate  # pylint: disable=g-import-not-at-top
+  from rae_jax.pipeline import builders, image_generator  # pylint: disable=g-import-not-at-top
   model = DiTDH(**COMMON, **S)
   b = args.batch
   k = jax.random.split(jax.random.key(0), 4)
@@ -398,7 +398,7 @@ def jax_stage2(args, out):
   c.guidance.update(method="cfg", scale=CFG_SCALE, t_min=0.0, t_max=1.0)
   rae, rae_vars = builders.build_rae(c, "", with_stats=False)
   n = args.num_images
-  gen = jax.jit(generate.make_generate(c, model, rae, generate.transport_for(c, rae.latent_shape)))
+  gen = jax.jit(image_generator.make_generate(c, model, rae, image_generator.transport_for(c, rae.latent_shape)))
   labels = jax.random.randint(k[1], (n,), 0, 1000)
   call = (params, None, rae_vars, labels, jnp.arange(n), k[3])
   compiled = gen.lower(*call).compile()  # compile outside the timed run

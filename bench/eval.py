@@ -21,8 +21,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rae_jax import presets  # noqa: E402
-from rae_jax.eval import generation, scoring  # noqa: E402
-from rae_jax.pipeline import builders, generate, loaders  # noqa: E402
+from rae_jax.eval import sample_shards, scoring  # noqa: E402
+from rae_jax.pipeline import builders, image_generator, loaders  # noqa: E402
 from rae_jax.train import mesh as mesh_lib  # noqa: E402
 
 DECODERS = {"XL": presets.vit_decoder("XL"), "B": presets.vit_decoder("B"),
@@ -74,7 +74,7 @@ def main():
   model = builders.build_stage2_model(config.model, builders.compute_dtype(config))
   params = jax.jit(lambda k: builders.init_stage2_params(model, rae.latent_shape, k))(
       jax.random.PRNGKey(0))
-  gen = generate.make_generate(config, model, rae, generate.transport_for(config,
+  gen = image_generator.make_generate(config, model, rae, image_generator.transport_for(config,
                                                                           rae.latent_shape))
   print(f"backend {jax.default_backend()}, {jax.device_count()} devices | DiTDH-S "
         f"{rae.latent_shape}, decoder {args.decoder} -> {rae.image_size}px, {args.steps} steps, "
@@ -85,10 +85,10 @@ def main():
       print(f"skipping {k} devices (only {jax.device_count()})")
       continue
     mesh = mesh_lib.make_mesh(1, -1, devices=jax.devices()[:k])
-    sampler = generation.ShardedSampler(gen, mesh, args.per_device_batch)
+    sampler = sample_shards.ShardedSampler(gen, mesh, args.per_device_batch)
     n = sampler.global_batch * args.batches
     labels = (np.arange(n) % 1000).astype(np.int32)
-    key = generation.eval_seed_key(0)
+    key = sample_shards.eval_seed_key(0)
     p_k = jax.device_put(params, mesh_lib.replicated(mesh))
     v_k = jax.device_put(rae_vars, mesh_lib.replicated(mesh))
     out = {}

@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rae_jax.diffusion import sampling, transport
+from rae_jax.diffusion import samplers, transport
 from rae_jax.models.ditdh import DiTDH
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +81,8 @@ def main():
       time_dist_shift=max(1.0, transport.shift_for_dim(n * n * c)))
 
   def run(params, x, y):
-    model_fn = sampling.make_model_fn(apply_fn, params, y)
-    return sampling.sample_ode(tr, model_fn, x, sampling_method="euler", num_steps=args.steps + 1)
+    model_fn = samplers.make_model_fn(apply_fn, params, y)
+    return samplers.sample_ode(tr, model_fn, x, sampling_method="euler", num_steps=args.steps + 1)
 
   fwd, fwd_compile = compile_timed(apply_fn, params, x, t, y)
   smp, smp_compile = compile_timed(run, params, x, y)

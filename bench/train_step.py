@@ -475,7 +475,7 @@ def _stage2_plan_parts(c, dtype):
   """(abstract state, residual-bytes fn(policy, per-device batch), frozen bytes, compiled-bytes
   fn(policy, mesh)) of a stage-2 recipe; the compiled step is the one main.py runs on cached
   latents (stage2.make_step), float32."""
-  from rae_jax.pipeline import builders, common, generate, stage2  # pylint: disable=g-import-not-at-top
+  from rae_jax.pipeline import builders, common, image_generator, stage2  # pylint: disable=g-import-not-at-top
   from rae_jax.train import memory  # pylint: disable=g-import-not-at-top
   model = builders.build_stage2_model(c.model, dtype)
   latent = builders.stage2_latent_shape(c)
@@ -502,7 +502,7 @@ def _stage2_plan_parts(c, dtype):
     abstract = jax.eval_shape(lambda k: state_lib.create_train_state(
         builders.init_stage2_params(m, latent, k), sched.tx, k), jax.random.PRNGKey(0))
     shardings = state_lib.state_shardings(abstract, mesh)
-    step = stage2.make_step(c, m, None, generate.transport_for(c, latent), sched, shardings,
+    step = stage2.make_step(c, m, None, image_generator.transport_for(c, latent), sched, shardings,
                             mesh, from_cache=True, frozen_shardings={'stats': {}},
                             latent_shape=latent)
     bs = mesh_lib.batch_sharding(mesh)

@@ -39,7 +39,7 @@ MODES: dict[str, Callable[[mlc.ConfigDict, str], object]] = {
     "stats": _lazy("rae_jax.pipeline.latents", "compute_stats"),
     "cache_latents": _lazy("rae_jax.pipeline.latents", "cache_latents"),
     "train_stage2": _lazy("rae_jax.pipeline.stage2", "train_stage2"),
-    "sample": _lazy("rae_jax.pipeline.sample", "run_sample"),
+    "sample": _lazy("rae_jax.pipeline.sample_grid", "run_sample"),
     "eval": _lazy("rae_jax.pipeline.evaluate", "run_eval"),
     "eval_recon": _lazy("rae_jax.pipeline.evaluate", "run_eval_recon"),
     "fid_stats": _lazy("rae_jax.pipeline.evaluate", "run_fid_stats"),

@@ -40,9 +40,9 @@ def toy_labels() -> np.ndarray:
 
 
 def bound_sampler(mesh):
-  from rae_jax.eval import generation
-  sampler = generation.ShardedSampler(toy_generate, mesh, PER_DEVICE_BATCH)
-  return generation.bind(sampler, {}, None, {}, jax.random.PRNGKey(3))
+  from rae_jax.eval import sample_shards
+  sampler = sample_shards.ShardedSampler(toy_generate, mesh, PER_DEVICE_BATCH)
+  return sample_shards.bind(sampler, {}, None, {}, jax.random.PRNGKey(3))
 
 
 class Preempted(Exception):
@@ -66,10 +66,10 @@ class Counting:
 
 
 def run(bound, directory: str, stop_after: int = 0) -> dict:
-  from rae_jax.eval import generation
+  from rae_jax.eval import sample_shards
   fn, wrote = Counting(bound, stop_after), []
   try:
-    generation.generate_shards(fn, toy_labels(), directory, SHARD_SIZE, manifest=MANIFEST,
+    sample_shards.generate_shards(fn, toy_labels(), directory, SHARD_SIZE, manifest=MANIFEST,
                                on_shard=lambda i, p: wrote.append(os.path.basename(p)))
   except Preempted:
     # The whole job ends here: a restarted job only starts once every old process wrote its last

@@ -167,7 +167,7 @@ def test_failed_async_save_is_reported_at_next_step_boundary(tmp_path, monkeypat
 def test_load_params_restores_only_the_ema_subtree_into_fsdp_shardings(tmp_path):
   """Inference reads just the EMA (no params/Adam moments), FSDP-sharded on the given mesh, and
   falls back past a damaged newest step."""
-  from rae_jax.pipeline import weights
+  from rae_jax.pipeline import snapshots
   from rae_jax.train import sharding as sharding_lib
   _save_steps(tmp_path / 'stage2', steps=(10, 15, 20))
   # Every data file of step 20, so the EMA's bytes are hit whichever file the async writer put
@@ -178,7 +178,7 @@ def test_load_params_restores_only_the_ema_subtree_into_fsdp_shardings(tmp_path)
       if os.sep + 'd' + os.sep in os.path.join(r, f):
         _flip_4k_file(os.path.join(r, f))
   mesh = mesh_lib.make_mesh(1, 8)
-  ema, desc = weights.load_params(str(tmp_path), 'stage2', mesh, 'ema')
+  ema, desc = snapshots.load_params(str(tmp_path), 'stage2', mesh, 'ema')
   assert set(ema) == {'w', 'b'} and 'step 15 (ema_params)' in desc, (ema.keys(), desc)
   np.testing.assert_array_equal(np.asarray(ema['w']), np.asarray(_state(15.0).ema_params['w']))
   want = sharding_lib.fsdp_shardings(jax.eval_shape(lambda: ema), mesh)

@@ -13,7 +13,7 @@ from rae_jax.interop import diffusers_rae, release, stats as stats_lib
 from rae_jax.interop.common import StateDictError, flatten
 from rae_jax.interop.hf_encoders import load_hf_encoder
 from rae_jax.models.rae import RAE
-from rae_jax.pipeline import builders, weights
+from rae_jax.pipeline import builders, snapshots
 from rae_jax.pipeline.diffusers_export import export_diffusers
 
 transformers = pytest.importorskip("transformers")
@@ -75,7 +75,7 @@ def random_decoder(c, seed):
 
 def make_workdir(c, workdir, with_stats=True):
   params, ema = random_decoder(c, 1), random_decoder(c, 2)
-  weights.save_weights(workdir, builders.STAGE1_DIR, params, ema, {"test": True})
+  snapshots.save_weights(workdir, builders.STAGE1_DIR, params, ema, {"test": True})
   stats = None
   if with_stats:
     rng = np.random.default_rng(3)
@@ -133,7 +133,7 @@ def test_export_loads_in_diffusers_and_matches(name, tmp_path):
   c2.interop.decoder = out
   summary = release.import_release(c2, str(tmp_path / "back"))
   assert sorted(summary) == ["encoder", "stage1", "stats"]
-  tree, _ = weights.load_weights(str(tmp_path / "back"), builders.STAGE1_DIR)
+  tree, _ = snapshots.load_weights(str(tmp_path / "back"), builders.STAGE1_DIR)
   for k, v in flatten(ema).items():
     np.testing.assert_array_equal(np.asarray(flatten(tree["ema_params"])[k]), v, err_msg=k)
   got = stats_lib.load_stats(tmp_path / "back" / builders.STATS_FILE)
@@ -164,7 +164,7 @@ def test_import_a_model_made_by_diffusers(tmp_path):
   c.encoder.path = ""
   c.interop.decoder = str(tmp_path / "hf_rae")
   summary = release.import_release(c, str(tmp_path / "w"))
-  tree, _ = weights.load_weights(str(tmp_path / "w"), builders.STAGE1_DIR)
+  tree, _ = snapshots.load_weights(str(tmp_path / "w"), builders.STAGE1_DIR)
   stats = stats_lib.load_stats(tmp_path / "w" / builders.STATS_FILE)
   rae, variables = our_rae(c, jax.device_get(tree["ema_params"]), stats,
                            encoder_path=summary["encoder"]["written"])
@@ -187,7 +187,7 @@ def test_unexportable_configurations_are_refused(ref_dir, tmp_path):
   c = rae_config("mae", hf_encoder_folder("mae", tmp_path / "enc"))
   params = random_decoder(c, 0)
   params["decoder_pos_embed"] = params["decoder_pos_embed"] + 0.01
-  weights.save_weights(str(tmp_path / "p"), builders.STAGE1_DIR, params, params, {})
+  snapshots.save_weights(str(tmp_path / "p"), builders.STAGE1_DIR, params, params, {})
   with pytest.raises(StateDictError, match="decoder_pos_embed.*train_pos_embed=False"):
     export_diffusers(c, str(tmp_path / "p"), "ema")
   c.decoder.layer_norm_eps = 1e-6

@@ -13,7 +13,7 @@ import pytest
 
 import eval_worker
 import train_worker
-from rae_jax.eval import generation
+from rae_jax.eval import sample_shards
 from rae_jax.train import mesh as mesh_lib
 
 WORKER = pathlib.Path(__file__).resolve().parent / 'eval_worker.py'
@@ -36,7 +36,7 @@ def _samples(paths):
 
 
 def _part(i, a, b):
-  return os.path.basename(generation.part_path('', i, a, b))
+  return os.path.basename(sample_shards.part_path('', i, a, b))
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_two_process_eval_writes_per_process_and_matches_one_process(tmp_path):
   # Meanwhile: the 1-process reference on 8 devices (global batch 8 instead of 2 x 4).
   bound = eval_worker.bound_sampler(mesh_lib.make_mesh(1, 8))
   labels = eval_worker.toy_labels()
-  single = generation.generate_shards(bound, labels, str(tmp_path / 'single'),
+  single = sample_shards.generate_shards(bound, labels, str(tmp_path / 'single'),
                                       eval_worker.SHARD_SIZE, manifest=eval_worker.MANIFEST)
   ref = _samples(single)
   np.testing.assert_array_equal(ref[1], labels)
@@ -69,7 +69,7 @@ def test_two_process_eval_writes_per_process_and_matches_one_process(tmp_path):
   assert [x['calls'] for x in full] == [4, 4] and [x['rows'] for x in full] == [16, 14]
   assert full[0]['wrote'] == ['shard_00000.npz', 'shard_00001.npz', _part(2, 14, 16)]
   assert full[1]['wrote'] == [_part(2, 16, 21), 'shard_00003.npz', 'shard_00004.npz']
-  files = generation.shard_files(str(tmp_path / 'full'), 30, 7)
+  files = sample_shards.shard_files(str(tmp_path / 'full'), 30, 7)
   assert [os.path.basename(f) for f in files] == (
       full[0]['wrote'] + full[1]['wrote'])
   for a, b in zip(_samples(files), ref):
@@ -85,7 +85,7 @@ def test_two_process_eval_writes_per_process_and_matches_one_process(tmp_path):
   assert resumed[1]['wrote'] == [_part(2, 19, 21), 'shard_00003.npz', 'shard_00004.npz']
   assert sorted(os.listdir(tmp_path / 'resumed')) == sorted(
       ['manifest.json', 'shard_00000.npz'] + resumed[0]['wrote'] + resumed[1]['wrote'])
-  got = _samples(generation.shard_files(str(tmp_path / 'resumed'), 30, 7))
+  got = _samples(sample_shards.shard_files(str(tmp_path / 'resumed'), 30, 7))
   for a, b in zip(got, ref):
     np.testing.assert_array_equal(a, b)
 
@@ -100,7 +100,7 @@ def test_two_process_eval_writes_per_process_and_matches_one_process(tmp_path):
       return bound.local(y, i)
   cut = str(tmp_path / 'cut')
   assert sorted(os.listdir(cut)) == ['manifest.json', 'shard_00000.npz', _part(2, 16, 21)]
-  paths = generation.generate_shards(Counting(), labels, cut, 7, manifest=eval_worker.MANIFEST)
+  paths = sample_shards.generate_shards(Counting(), labels, cut, 7, manifest=eval_worker.MANIFEST)
   assert calls == [8, 8, 7]
   assert [os.path.basename(p) for p in paths] == [f'shard_{i:05d}.npz' for i in range(5)]
   assert sorted(os.listdir(cut)) == ['manifest.json'] + [f'shard_{i:05d}.npz' for i in range(5)]
@@ -113,22 +113,22 @@ def test_parts_tile_shards_and_stale_parts_are_removed(tmp_path, monkeypatch):
   parts next to a whole file and temp files are removed; holes are named."""
   bound = eval_worker.bound_sampler(mesh_lib.make_mesh(1, 8))
   labels = eval_worker.toy_labels()
-  ref_paths = generation.generate_shards(bound, labels, str(tmp_path / 'ref'), 7)
+  ref_paths = sample_shards.generate_shards(bound, labels, str(tmp_path / 'ref'), 7)
   ref = _samples(ref_paths)
   d = tmp_path / 'd'
   d.mkdir()
 
   def put(path, a, b):
     np.savez(path, arr_0=ref[0][a:b], arr_1=labels[a:b], indices=np.arange(a, b))
-  put(generation.part_path(str(d), 1, 7, 10), 7, 10)     # shard 1 complete as two parts
-  put(generation.part_path(str(d), 1, 10, 14), 10, 14)
-  put(generation.part_path(str(d), 2, 14, 17), 14, 17)   # shard 2: a hole at 17..20
-  put(generation.shard_path(str(d), 3), 21, 28)          # shard 3 whole, plus a stale part
-  put(generation.part_path(str(d), 3, 21, 25), 21, 25)
-  put(generation.part_path(str(d), 4, 28, 30), 26, 28)   # wrong labels: regenerated
+  put(sample_shards.part_path(str(d), 1, 7, 10), 7, 10)     # shard 1 complete as two parts
+  put(sample_shards.part_path(str(d), 1, 10, 14), 10, 14)
+  put(sample_shards.part_path(str(d), 2, 14, 17), 14, 17)   # shard 2: a hole at 17..20
+  put(sample_shards.shard_path(str(d), 3), 21, 28)          # shard 3 whole, plus a stale part
+  put(sample_shards.part_path(str(d), 3, 21, 25), 21, 25)
+  put(sample_shards.part_path(str(d), 4, 28, 30), 26, 28)   # wrong labels: regenerated
   (d / 'shard_00000.npz.tmp.npz').write_bytes(b'half a zip')
   with pytest.raises(FileNotFoundError, match='shard 0 .samples 0..6. has no file'):
-    generation.shard_files(str(d), 30, 7)
+    sample_shards.shard_files(str(d), 30, 7)
   calls = []
 
   class Counting:
@@ -137,7 +137,7 @@ def test_parts_tile_shards_and_stale_parts_are_removed(tmp_path, monkeypatch):
     def local(self, y, i):
       calls.append([int(i[0]), len(i)])
       return bound.local(y, i)
-  paths = generation.generate_shards(Counting(), labels, str(d), 7)
+  paths = sample_shards.generate_shards(Counting(), labels, str(d), 7)
   assert calls == [[0, 8], [15, 8]]  # shards 0, 2, 4 only (16 samples)
   assert [os.path.basename(p) for p in paths] == [
       'shard_00000.npz', _part(1, 7, 10), _part(1, 10, 14), 'shard_00002.npz', 'shard_00003.npz',
@@ -147,7 +147,7 @@ def test_parts_tile_shards_and_stale_parts_are_removed(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   with pytest.raises(ValueError, match='needs a sample_fn with a per-process'):
-    generation.generate_shards(lambda y, i: None, labels, str(tmp_path / 'x'), 7)
+    sample_shards.generate_shards(lambda y, i: None, labels, str(tmp_path / 'x'), 7)
 
 
 def test_sampler_batches_are_the_scorers_batches():
@@ -155,7 +155,7 @@ def test_sampler_batches_are_the_scorers_batches():
   very batches (rows, padding, sharding) the scorer builds from the same images on the host."""
   from rae_jax.eval import scoring
   mesh = mesh_lib.make_mesh(1, 8)
-  sampler = generation.ShardedSampler(eval_worker.toy_generate, mesh, per_device_batch=1)
+  sampler = sample_shards.ShardedSampler(eval_worker.toy_generate, mesh, per_device_batch=1)
   scorer = scoring.Scorer(mesh, None, True, 1)
   labels, key = eval_worker.toy_labels()[:19], jax.random.PRNGKey(3)
   host = sampler({}, None, {}, labels, np.arange(19), key)

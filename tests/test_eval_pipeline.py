@@ -14,8 +14,8 @@ import scipy.ndimage
 from conftest import rel_err
 
 from rae_jax import presets
-from rae_jax.eval import generation, recon, scoring
-from rae_jax.pipeline import builders, evaluate, loaders, weights
+from rae_jax.eval import recon, sample_shards, scoring
+from rae_jax.pipeline import builders, evaluate, loaders, snapshots
 from rae_jax.train import mesh as mesh_lib
 
 NUM_CLASSES = 4
@@ -74,8 +74,8 @@ def workdir(tmp_path_factory):
   model = builders.build_stage2_model(config.model)
   shapes = jax.eval_shape(lambda k: builders.init_stage2_params(model, rae.latent_shape, k),
                           jax.random.PRNGKey(0))
-  weights.save_weights(wd, builders.STAGE2_DIR, _random_like(shapes, 1))
-  weights.save_weights(wd, builders.STAGE1_DIR, variables["decoder"])
+  snapshots.save_weights(wd, builders.STAGE2_DIR, _random_like(shapes, 1))
+  snapshots.save_weights(wd, builders.STAGE1_DIR, variables["decoder"])
   return wd
 
 
@@ -130,29 +130,29 @@ def test_generation_resumes_without_redoing_shards(samplers, tmp_path):
 
   d = str(tmp_path / "shards")
   with pytest.raises(Preempted):
-    generation.generate_shards(counting, labels, d, 6, manifest={"run": 1},
+    sample_shards.generate_shards(counting, labels, d, 6, manifest={"run": 1},
                                on_shard=stop_after_two)
   assert calls == [(0, 6), (6, 6)]
-  done = [generation.shard_path(d, i) for i in range(2)]
+  done = [sample_shards.shard_path(d, i) for i in range(2)]
   mtimes = [os.stat(p).st_mtime_ns for p in done]
   calls.clear()
-  paths = generation.generate_shards(counting, labels, d, 6, manifest={"run": 1})
+  paths = sample_shards.generate_shards(counting, labels, d, 6, manifest={"run": 1})
   assert calls == [(12, 6), (18, 2)]  # only the missing shards
   assert [os.stat(p).st_mtime_ns for p in done] == mtimes
-  out = generation.assemble_samples_npz(paths, str(tmp_path / "resumed.npz"))
+  out = sample_shards.assemble_samples_npz(paths, str(tmp_path / "resumed.npz"))
 
   calls.clear()
   d2 = str(tmp_path / "shards_straight")
-  paths2 = generation.generate_shards(counting, labels, d2, 6, manifest={"run": 1})
+  paths2 = sample_shards.generate_shards(counting, labels, d2, 6, manifest={"run": 1})
   assert len(calls) == 4
-  ref = generation.assemble_samples_npz(paths2, str(tmp_path / "straight.npz"))
+  ref = sample_shards.assemble_samples_npz(paths2, str(tmp_path / "straight.npz"))
   with np.load(out) as x, np.load(ref) as y:
     np.testing.assert_array_equal(x["arr_0"], y["arr_0"])
     np.testing.assert_array_equal(x["arr_1"], labels)
     assert x["arr_0"].shape == (20, 16, 16, 3) and x["arr_0"].dtype == np.uint8
   # A different evaluation must not reuse these shards.
   with pytest.raises(ValueError, match="changed: \\['run'\\]"):
-    generation.generate_shards(counting, labels, d, 6, manifest={"run": 2})
+    sample_shards.generate_shards(counting, labels, d, 6, manifest={"run": 2})
 
 
 def test_scorer_batches_cover_images_in_order():

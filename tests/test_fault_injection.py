@@ -48,12 +48,12 @@ def _flip(step_dir):
 
 
 def _weights(workdir):
-  from rae_jax.pipeline import weights
+  from rae_jax.pipeline import snapshots
   from rae_jax.train import mesh as mesh_lib
   mesh = mesh_lib.make_mesh()
   out = {}
   for which in ('params', 'ema'):
-    tree, desc = weights.load_params(str(workdir), 'stage1', mesh, which)
+    tree, desc = snapshots.load_params(str(workdir), 'stage1', mesh, which)
     assert f'step {STEPS} ' in desc, desc
     out.update({f'{which}{k}': np.asarray(v) for k, v in
                 __import__('jax').tree_util.tree_leaves_with_path(tree)})

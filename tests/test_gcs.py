@@ -136,12 +136,12 @@ def _run(cmd, env):
 
 def _stage2_weights(workdir):
   import jax
-  from rae_jax.pipeline import weights
+  from rae_jax.pipeline import snapshots
   from rae_jax.train import mesh as mesh_lib
   mesh = mesh_lib.make_mesh()
   out = {}
   for which in ("params", "ema"):
-    tree, desc = weights.load_params(str(workdir), "stage2", mesh, which)
+    tree, desc = snapshots.load_params(str(workdir), "stage2", mesh, which)
     assert "step 6 " in desc, desc
     out.update({f"{which}{jax.tree_util.keystr(k)}": np.asarray(v)
                 for k, v in jax.tree_util.tree_leaves_with_path(tree)})
@@ -260,7 +260,7 @@ def test_two_process_eval_shards_on_gcs_match_one_process(gcs, tmp_path):
   import eval_worker
   import train_worker
   from rae_jax import storage
-  from rae_jax.eval import generation
+  from rae_jax.eval import sample_shards
   from rae_jax.train import mesh as mesh_lib
   root = _prefix(gcs, "eval")
   with socket.socket() as s:
@@ -275,7 +275,7 @@ def test_two_process_eval_shards_on_gcs_match_one_process(gcs, tmp_path):
        "--process_id", str(pid)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for pid in range(2)]
   bound = eval_worker.bound_sampler(mesh_lib.make_mesh(1, 8))
-  single = generation.generate_shards(bound, eval_worker.toy_labels(), str(tmp_path / "single"),
+  single = sample_shards.generate_shards(bound, eval_worker.toy_labels(), str(tmp_path / "single"),
                                       eval_worker.SHARD_SIZE, manifest=eval_worker.MANIFEST)
   for p in procs:
     out, _ = p.communicate(timeout=300)
@@ -289,7 +289,7 @@ def test_two_process_eval_shards_on_gcs_match_one_process(gcs, tmp_path):
     return [np.concatenate(x) for x in zip(*out)]
   ref = arrays(single)
   for run in ("full", "resumed"):
-    files = generation.shard_files(f"{root}/{run}", 30, eval_worker.SHARD_SIZE)
+    files = sample_shards.shard_files(f"{root}/{run}", 30, eval_worker.SHARD_SIZE)
     assert all(f.startswith("gs://") for f in files)
     assert any(".part_" in f for f in files)  # shard 2 straddles the two processes
     for a, b in zip(arrays(files), ref):

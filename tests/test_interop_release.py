@@ -21,7 +21,7 @@ from rae_jax.pipeline import release
 from rae_jax.interop.common import StateDictError, flatten
 from rae_jax.interop.hf_encoders import load_hf_encoder
 from rae_jax.models.rae import RAE
-from rae_jax.pipeline import builders, weights
+from rae_jax.pipeline import builders, snapshots
 from rae_jax.train import mesh as mesh_lib
 
 TINY_DITDH = dict(hidden=(32, 64), depth=(2, 1), heads=(2, 4))  # ditdh_tiny.json
@@ -84,7 +84,7 @@ def trained(tmp_path_factory):
   out = {}
   for i, (stage, (init, *args)) in enumerate(inits.items()):
     params, ema = random_params(init, *args, seed=2 * i), random_params(init, *args, seed=2 * i + 1)
-    weights.save_weights(workdir, stage, params, ema, {"test": True})
+    snapshots.save_weights(workdir, stage, params, ema, {"test": True})
     out[stage] = (params, ema)
   rng = np.random.default_rng(0)
   stats = {"mean": rng.normal(size=shape).astype(np.float32),
@@ -114,7 +114,7 @@ def test_round_trip_export_import_is_bit_identical(trained, exported, tmp_path):
   assert {k: v["entry"] for k, v in summary.items()} == {
       "stage2": "plain", "guide": "plain", "stage1": "plain", "stats": "plain"}
   for stage in (builders.STAGE2_DIR, builders.GUIDE_DIR, builders.STAGE1_DIR):
-    tree, meta = weights.load_weights(str(tmp_path), stage)
+    tree, meta = snapshots.load_weights(str(tmp_path), stage)
     tree_equal(tree["params"], ref[stage][1])  # the EMA weights were exported
     tree_equal(tree["ema_params"], ref[stage][1])
     stem = {"stage2": "stage2_model", "guide": "guide_model", "stage1": "decoder"}[stage]
@@ -194,7 +194,7 @@ def test_import_reference_ditdh_reproduces_forward(ref_dir, tmp_path):
     summary = release.import_release(c, str(tmp_path / name))
     assert summary["stage2"]["entry"] == {"plain": "plain", "wrapped": "ema"}[name]
     assert summary["stage2"]["kind"] == "DiTDH"
-    got[name], _ = weights.load_params(str(tmp_path / name), builders.STAGE2_DIR, mesh, "ema")
+    got[name], _ = snapshots.load_params(str(tmp_path / name), builders.STAGE2_DIR, mesh, "ema")
   tree_equal(got["wrapped"], got["plain"])
   io = np.load(ref_dir / "ditdh_tiny.io.npz")
   model = builders.build_stage2_model(c.model)
@@ -248,7 +248,7 @@ def test_training_checkpoint_keeps_model_and_ema_apart(ref_dir, tmp_path):
   c.interop.stage2_model = str(tmp_path / "both.pt")
   summary = release.import_release(c, str(tmp_path / "w"))
   assert summary["stage2"]["entries"] == {"params": "model", "ema_params": "ema"}
-  _, meta = weights.load_weights(str(tmp_path / "w"), builders.STAGE2_DIR)
+  _, meta = snapshots.load_weights(str(tmp_path / "w"), builders.STAGE2_DIR)
   assert meta["entries"] == {"params": "model", "ema_params": "ema"}
   for which, want in (("params", raw), ("ema", sd)):
     out = release.export_release(c, str(tmp_path / "w"), which)
@@ -301,7 +301,7 @@ def test_import_reference_rae_reproduces_decode(ref_dir, tmp_path):
   enc = load_hf_encoder(c.encoder.path, "dinov2_reg")
   rae = RAE(enc.module, release.decoder_module(c), c.encoder.input_size, tuple(enc.image_mean),
             tuple(enc.image_std), 0.0, c.stats.eps)
-  params, _ = weights.load_params(workdir, builders.STAGE1_DIR, mesh_lib.make_mesh(), "ema")
+  params, _ = snapshots.load_params(workdir, builders.STAGE1_DIR, mesh_lib.make_mesh(), "ema")
   variables = {"encoder": enc.params, "decoder": jax.device_get(params),
                "stats": stats_lib.load_stats(os.path.join(workdir, builders.STATS_FILE))}
   io = np.load(ref_dir / "rae_tiny.io.npz")
@@ -329,7 +329,7 @@ def test_import_decoder_from_training_checkpoint_and_bf16(ref_dir, tmp_path):
     c.interop.decoder = str(tmp_path / name)
     summary = release.import_release(c, str(tmp_path / f"w_{name}"))
     assert summary["stage1"]["entry"] == ("ema" if name.endswith(".pt") else "plain")
-    tree, _ = weights.load_weights(str(tmp_path / f"w_{name}"), builders.STAGE1_DIR)
+    tree, _ = snapshots.load_weights(str(tmp_path / f"w_{name}"), builders.STAGE1_DIR)
     tree_equal(tree["ema_params"], expect)
     # A training checkpoint keeps its raw 'model' weights apart: params = model (zeros here).
     tree_equal(tree["params"], jax.tree.map(np.zeros_like, expect) if name.endswith(".pt")

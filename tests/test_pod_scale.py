@@ -344,9 +344,9 @@ def _toy_generate(params, guide_params, rae_vars, labels, indices, seed_key):
 
 
 def test_sampler_output_stays_batch_sharded():
-  from rae_jax.eval import generation
+  from rae_jax.eval import sample_shards
   mesh = mesh_lib.make_mesh(1, 8)
-  sampler = generation.ShardedSampler(_toy_generate, mesh, per_device_batch=2)
+  sampler = sample_shards.ShardedSampler(_toy_generate, mesh, per_device_batch=2)
   params = {'gain': jnp.ones(())}
   labels, idx = np.arange(13, dtype=np.int32) % 3, np.arange(100, 113, dtype=np.int32)
   out = sampler.sharded(params, None, {}, labels, idx, jax.random.PRNGKey(0))
@@ -370,7 +370,7 @@ def test_guided_sampling_moves_nothing_between_devices(guidance):
   device's activations at every step)."""
   import importlib.util
   from conftest import REPO
-  from rae_jax.pipeline import builders, generate
+  from rae_jax.pipeline import builders, image_generator
   spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -380,7 +380,7 @@ def test_guided_sampling_moves_nothing_between_devices(guidance):
   model = builders.build_stage2_model(c.model, jnp.float32)
   rae, rae_vars = builders.build_rae(c, '', with_stats=False)
   guide = model if guidance == 'autoguidance' else None
-  gen = generate.make_generate(c, model, rae, generate.transport_for(c, rae.latent_shape),
+  gen = image_generator.make_generate(c, model, rae, image_generator.transport_for(c, rae.latent_shape),
                                guide_model=guide)
   params = jax.eval_shape(lambda k: builders.init_stage2_params(model, rae.latent_shape, k),
                           jax.random.PRNGKey(0))
@@ -426,10 +426,10 @@ def test_latent_cache_encodes_images_and_mirrors_in_place():
 def test_eval_batches_span_shards(tmp_path):
   """Work = N rounded up to one global batch (not every shard padded to whole batches); shard
   files are identical to shard-by-shard generation and resume skips finished shards."""
-  from rae_jax.eval import generation
+  from rae_jax.eval import sample_shards
   mesh = mesh_lib.make_mesh(1, 8)
-  sampler = generation.ShardedSampler(_toy_generate, mesh, per_device_batch=1)  # batch 8
-  bound = generation.bind(sampler, {'gain': jnp.ones(())}, None, {}, jax.random.PRNGKey(0))
+  sampler = sample_shards.ShardedSampler(_toy_generate, mesh, per_device_batch=1)  # batch 8
+  bound = sample_shards.bind(sampler, {'gain': jnp.ones(())}, None, {}, jax.random.PRNGKey(0))
   calls = []
 
   def counting(y, i):
@@ -437,9 +437,9 @@ def test_eval_batches_span_shards(tmp_path):
     return bound(y, i)
   counting.global_batch = bound.global_batch
   labels = np.arange(30, dtype=np.int32) % 4
-  paths = generation.generate_shards(counting, labels, str(tmp_path / 'a'), 7)
+  paths = sample_shards.generate_shards(counting, labels, str(tmp_path / 'a'), 7)
   assert calls == [8, 8, 8, 6]  # 30 samples, 4 calls; per shard it was 5 shards x 8 = 40
-  per_shard = generation.generate_shards(bound, labels, str(tmp_path / 'b'), 7, batch_size=7)
+  per_shard = sample_shards.generate_shards(bound, labels, str(tmp_path / 'b'), 7, batch_size=7)
   for p, q in zip(paths, per_shard):
     with np.load(p) as x, np.load(q) as y:
       for k in ('arr_0', 'arr_1', 'indices'):
@@ -453,9 +453,9 @@ def test_eval_batches_span_shards(tmp_path):
       raise Preempted
   calls.clear()
   with pytest.raises(Preempted):
-    generation.generate_shards(counting, labels, str(tmp_path / 'c'), 7, on_shard=stop)
+    sample_shards.generate_shards(counting, labels, str(tmp_path / 'c'), 7, on_shard=stop)
   calls.clear()
-  resumed = generation.generate_shards(counting, labels, str(tmp_path / 'c'), 7)
+  resumed = sample_shards.generate_shards(counting, labels, str(tmp_path / 'c'), 7)
   assert calls == [8, 1]  # shards 3, 4 (samples 21..29) only
   for p, q in zip(resumed, paths):
     with np.load(p) as x, np.load(q) as y:

@@ -7,7 +7,7 @@ import numpy as np
 from configs import demo
 from rae_jax.models.ditdh import DiTDH
 from rae_jax.interop.rae_loader import load_rae
-from rae_jax.pipeline import builders, common, generate, stage2
+from rae_jax.pipeline import builders, common, image_generator, stage2
 from rae_jax.train import mesh as mesh_lib
 from rae_jax.train.state import init_train_state
 
@@ -116,7 +116,7 @@ def _demo_stage2_losses(dtype: str, steps: int) -> np.ndarray:
 
   mesh = common.make_mesh(c)
   model = builders.build_stage2_model(c.model, builders.compute_dtype(c))
-  transport = generate.transport_for(c, shape)
+  transport = image_generator.transport_for(c, shape)
   sched = common.optimizer(c.stage2.optim, n, gb)
   state, shardings = init_train_state(
       lambda k: builders.init_stage2_params(model, shape, k), sched.tx,

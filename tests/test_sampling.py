@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
 from conftest import FIXTURES, rel_err
-from rae_jax.diffusion import sampling as S
+from rae_jax.diffusion import samplers as S
 from rae_jax.diffusion import transport as T
 
 # -- 2-D Gaussian mixture with its exact flow-matching velocity ----------------------------------
@@ -136,7 +136,7 @@ def tiny_ditdh():
 
 def _sampler(tr, apply_fn, *, mode="ODE", guidance=None, scale=1.0, null_class=None,
              **sampler_kwargs):
-  """The production path (pipeline/generate.py): make_model_fn -> sampling.sample, jitted."""
+  """The production path (pipeline/image_generator.py): make_model_fn -> sampling.sample, jitted."""
   @jax.jit
   def sample(params, x, y, key=None, guide_params=None):
     model_fn = S.make_model_fn(apply_fn, params, y, guidance=guidance, scale=scale,

@@ -19,7 +19,7 @@ from conftest import rel_err
 from rae_jax import presets
 from rae_jax.diffusion.transport import time_shift
 from rae_jax.interop import ditdh_names
-from rae_jax.pipeline import builders, common, generate, stage2
+from rae_jax.pipeline import builders, common, image_generator, stage2
 from rae_jax.train import mesh as mesh_lib
 from rae_jax.train import state as state_lib
 
@@ -98,7 +98,7 @@ def replay_stage2(ref_dir, name="train2_ditdh", *, config_edit=None):
   m = config.model
   model = builders.build_stage2_model(m, builders.compute_dtype(config))
   latent_shape = (m.input_size, m.input_size, m.in_channels)
-  transport = generate.transport_for(config, latent_shape)
+  transport = image_generator.transport_for(config, latent_shape)
   k, b = meta["steps"], meta["batch"]
   sched = common.optimizer(config.stage2.optim, meta["steps_per_epoch"] * b, b)
   assert sched.steps_per_epoch == meta["steps_per_epoch"]

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
-from rae_jax.diffusion import sampling
+from rae_jax.diffusion import samplers
 from rae_jax.diffusion import transport as T
 
 XL_SHIFT = math.sqrt(196608 / 4096)
@@ -21,7 +21,7 @@ def test_shift_and_ode_grid_match_reference(ref_dir):
   np.testing.assert_allclose(T.time_shift(ref["u"], s), ref["shifted"], rtol=0, atol=1e-6)
   np.testing.assert_allclose(T.time_shift(jnp.asarray(ref["u"], jnp.float32), s), ref["shifted"],
                              rtol=0, atol=1e-6)
-  grid = sampling.ode_time_grid(T.create_transport(time_dist_shift=s), 50)
+  grid = samplers.ode_time_grid(T.create_transport(time_dist_shift=s), 50)
   assert grid.shape == (50,) and grid[0] == 1.0
   np.testing.assert_allclose(grid, ref["ode_grid_50"], rtol=0, atol=1e-6)
 

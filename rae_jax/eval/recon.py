@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rae_jax import progress
-from rae_jax.eval import generation
+from rae_jax.eval import sample_shards
 from rae_jax.eval import inception
 from rae_jax.eval import metrics as metrics_lib
 from rae_jax.eval import scoring
@@ -70,7 +70,7 @@ def make_reconstruct(rae, mesh):
   """Jitted uint8 originals -> (uint8 reconstructions (batch-sharded), PSNR, SSIM (replicated))."""
   def fn(rae_vars, images_u8):
     x = images_u8.astype(jnp.float32) / 255.0
-    rec = generation.images_to_uint8(jnp.clip(rae(rae_vars, x), 0.0, 1.0))
+    rec = sample_shards.images_to_uint8(jnp.clip(rae(rae_vars, x), 0.0, 1.0))
     r = rec.astype(jnp.float32) / 255.0
     return rec, psnr(r, x), ssim(r, x)
   rep = mesh_lib.replicated(mesh)

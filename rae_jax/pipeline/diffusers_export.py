@@ -15,7 +15,7 @@ from absl import logging
 from rae_jax.interop import diffusers_rae, hf_encoders, stats as stats_lib
 from rae_jax.interop.common import StateDictError
 from rae_jax.models.vit_encoders import canonical_encoder_name
-from rae_jax.pipeline import builders, release, weights
+from rae_jax.pipeline import builders, release, snapshots
 from rae_jax.train import mesh as mesh_lib
 from rae_jax.train import multihost
 
@@ -38,7 +38,7 @@ def export_diffusers(config: mlc.ConfigDict, workdir: str, which: str = "ema") -
   enc = hf_encoders.load_hf_encoder(str(folder), name)
   decoder = release.decoder_module(config)
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-  params, source = weights.load_params(workdir, builders.STAGE1_DIR, mesh, which)
+  params, source = snapshots.load_params(workdir, builders.STAGE1_DIR, mesh, which)
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), builders.host_tree(params))
   stats_file = builders.stats_path(config, workdir)
   stats = None

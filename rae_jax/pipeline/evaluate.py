@@ -1,7 +1,7 @@
 """--mode=eval, --mode=fid_stats, --mode=eval_recon, and the online eval hook of stage-2 training.
 
 Outputs under <workdir>/eval/:
-  shards/shard_XXXXX.npz, shards/manifest.json   resumable generation (rae_jax.eval.generation)
+  shards/shard_XXXXX.npz, shards/manifest.json   resumable generation (rae_jax.eval.sample_shards)
   samples.npz                                    ADM format: arr_0 uint8 NHWC, arr_1 labels
   pngs/XXXXXX.png                                with eval.write_pngs
   metrics.json                                   IS, FID, precision/recall (+ what produced them)
@@ -23,8 +23,8 @@ from absl import logging
 
 from rae_jax import storage
 from rae_jax.data import make_source, resolve_num_threads
-from rae_jax.eval import generation, recon, scoring
-from rae_jax.pipeline import builders, common, generate, images, loaders, weights
+from rae_jax.eval import recon, sample_shards, scoring
+from rae_jax.pipeline import builders, common, image_generator, images, loaders, snapshots
 from rae_jax.train import multihost
 
 EVAL_DIR = "eval"
@@ -42,7 +42,7 @@ def eval_labels(config: mlc.ConfigDict, num_samples: int) -> np.ndarray:
   if mode == "equal" and num_samples % k:
     logging.warning("eval: %d samples are not a multiple of %d classes: the last classes get "
                     "fewer samples", num_samples, k)
-  return generate.class_labels(num_samples, k, mode, generation.label_key(config.seed))
+  return image_generator.class_labels(num_samples, k, mode, sample_shards.label_key(config.seed))
 
 
 def resolve_reference(config: mlc.ConfigDict, workdir: str,
@@ -63,10 +63,10 @@ def resolve_reference(config: mlc.ConfigDict, workdir: str,
 def _fingerprint(config: mlc.ConfigDict, workdir: str) -> dict:
   """What the samples depend on: a mismatch means the existing shards are someone else's."""
   def weights_of(stage):
-    step = weights.latest_checkpoint_step(workdir, stage)
+    step = snapshots.latest_checkpoint_step(workdir, stage)
     if step is not None:
       return f"checkpoint step {step}"
-    return "snapshot" if weights.has_weights(workdir, stage) else "none"
+    return "snapshot" if snapshots.has_weights(workdir, stage) else "none"
   g = config.guidance
   return dict(
       seed=config.seed, label_sampling=config.eval.label_sampling,
@@ -84,17 +84,17 @@ def load_generation(config: mlc.ConfigDict, workdir: str, mesh, which: str = "em
   guide) weights, stage-1 EMA decoder, placed on `mesh`; `generate` is make_generate's."""
   model, params, guide_model, guide_params, rae, rae_vars = loaders.load_models(config, workdir,
                                                                                 mesh, which)
-  transport = generate.transport_for(config, rae.latent_shape)
-  gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
+  transport = image_generator.transport_for(config, rae.latent_shape)
+  gen = image_generator.make_generate(config, model, rae, transport, guide_model=guide_model)
   return dict(generate=gen, params=params, guide_params=guide_params, rae_vars=rae_vars, rae=rae)
 
 
 def bind_sampler(config: mlc.ConfigDict, models: dict, mesh) -> Callable:
   """sample_fn(labels, indices) -> uint8 images, batch-sharded over `mesh`, noise keyed by the
   eval seed and the sample index."""
-  sampler = generation.ShardedSampler(models["generate"], mesh, config.eval.per_device_batch)
-  return generation.bind(sampler, models["params"], models["guide_params"], models["rae_vars"],
-                         generation.eval_seed_key(config.seed))
+  sampler = sample_shards.ShardedSampler(models["generate"], mesh, config.eval.per_device_batch)
+  return sample_shards.bind(sampler, models["params"], models["guide_params"], models["rae_vars"],
+                         sample_shards.eval_seed_key(config.seed))
 
 
 def load_sampler(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema") -> Callable:
@@ -102,7 +102,7 @@ def load_sampler(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema")
 
 
 def _write_pngs(paths, directory: str) -> None:
-  reader = generation.ShardReader(paths)
+  reader = sample_shards.ShardReader(paths)
   storage.makedirs(directory)
   done = set(storage.listdir(directory)) if storage.isdir(directory) else set()
   for i in range(len(reader)):
@@ -119,18 +119,18 @@ def run_eval(config: mlc.ConfigDict, workdir: str, *, mesh=None,
   out = eval_dir(workdir)
   sample_fn = load_sampler(config, workdir, mesh)
   labels = eval_labels(config, e.num_samples)
-  paths = generation.generate_shards(sample_fn, labels, os.path.join(out, "shards"),
+  paths = sample_shards.generate_shards(sample_fn, labels, os.path.join(out, "shards"),
                                      e.shard_size, manifest=_fingerprint(config, workdir),
                                      on_shard=on_shard)
   samples = os.path.join(out, "samples.npz")
   if multihost.is_main():
-    generation.assemble_samples_npz(paths, samples)
+    sample_shards.assemble_samples_npz(paths, samples)
     logging.info("eval: wrote %d samples to %s", len(labels), samples)
     if e.write_pngs:
       _write_pngs(paths, os.path.join(out, "pngs"))
 
   scorer = loaders.scorer_from_config(config, mesh)
-  feats = scoring.extract(scorer, generation.ShardReader(paths), len(labels),
+  feats = scoring.extract(scorer, sample_shards.ShardReader(paths), len(labels),
                           max_kept=len(labels), desc="eval: scoring")
   reference = resolve_reference(config, workdir, scorer)
   m = scoring.score(feats, reference, is_random=scorer.is_random)
@@ -202,11 +202,11 @@ def make_online_eval_hook(config: mlc.ConfigDict, workdir: str, *, mesh, model, 
   every, n = int(config.eval.online_every_steps), int(config.eval.online_num_samples)
   if every > 0 and n < 2:
     raise ValueError(f"eval.online_num_samples must be >= 2 for FID, got {n}")
-  transport = generate.transport_for(config, rae.latent_shape)
-  gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
-  sampler = generation.ShardedSampler(gen, mesh, config.eval.per_device_batch)
+  transport = image_generator.transport_for(config, rae.latent_shape)
+  gen = image_generator.make_generate(config, model, rae, transport, guide_model=guide_model)
+  sampler = sample_shards.ShardedSampler(gen, mesh, config.eval.per_device_batch)
   labels = eval_labels(config, n) if every > 0 else None
-  seed_key = generation.eval_seed_key(config.seed)
+  seed_key = sample_shards.eval_seed_key(config.seed)
   lazy: dict[str, Any] = {"scorer": scorer}
 
   def hook(step: int, state, metrics=None) -> Optional[dict]:

@@ -14,14 +14,14 @@ from absl import logging
 from rae_jax.eval import scoring
 from rae_jax.interop import inception_weights
 from rae_jax.models.layers import to_layout
-from rae_jax.pipeline import builders, common, weights
+from rae_jax.pipeline import builders, common, snapshots
 
 
 def load_inference_rae(config: mlc.ConfigDict, workdir: str, mesh) -> tuple[Any, dict]:
   """RAE with the decoder this workdir trained (stage-1 EMA) or imported, else config's file."""
   rae, variables = builders.build_rae(config, workdir)
   try:
-    dec, desc = weights.load_params(workdir, builders.STAGE1_DIR, mesh, "ema")
+    dec, desc = snapshots.load_params(workdir, builders.STAGE1_DIR, mesh, "ema")
     # Written with either decoder.scan_layers: brought to this config's layout.
     variables["decoder"] = to_layout(dec, rae.decoder.layer_layout, rae.decoder.scan_layers)
     logging.info("decoder weights: %s", desc)
@@ -43,14 +43,14 @@ def load_models(config: mlc.ConfigDict, workdir: str, mesh, which: str = "ema"):
   dtype = builders.compute_dtype(config)
   rae, rae_vars = load_inference_rae(config, workdir, mesh)
   model = builders.build_stage2_model(config.model, dtype)
-  params, desc = weights.load_params(workdir, builders.STAGE2_DIR, mesh, which)
+  params, desc = snapshots.load_params(workdir, builders.STAGE2_DIR, mesh, which)
   params = to_layout(params, model.layer_layout, model.scan_layers)  # either scan_layers
   logging.info("stage-2 weights: %s", desc)
   g = config.guidance
   guide_model = guide_params = None
   if g.method == "autoguidance" and float(g.scale) != 1.0:
     guide_model = builders.build_stage2_model(g.guide_model, dtype)
-    params_g, desc = weights.load_params(workdir, builders.GUIDE_DIR, mesh, which)
+    params_g, desc = snapshots.load_params(workdir, builders.GUIDE_DIR, mesh, which)
     guide_params = to_layout(params_g, guide_model.layer_layout, guide_model.scan_layers)
     logging.info("autoguidance guide weights: %s (scale %.3f)", desc, g.scale)
   return model, params, guide_model, guide_params, rae, rae_vars

@@ -37,7 +37,7 @@ from rae_jax.interop import decoder_names, diffusers_rae, ditdh_names, stats as 
 from rae_jax.interop.common import StateDictError, check_keys
 from rae_jax.models.decoder import ViTDecoder, decoder_from_hf_config
 from rae_jax.models.ditdh import DiTDH
-from rae_jax.pipeline import builders, weights
+from rae_jax.pipeline import builders, snapshots
 from rae_jax.train import multihost
 
 EXPORT_DIR = "export"
@@ -414,14 +414,14 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
         params = (converted if item.params_tensors is None
                   else _convert(item, config, item.params_tensors))
         info.update(num_params=int(sum(np.size(x) for x in jax.tree.leaves(converted))),
-                    written=weights.weights_dir(workdir, item.stage), entries=_entries(item))
+                    written=snapshots.weights_dir(workdir, item.stage), entries=_entries(item))
         meta = dict(info, model_config=_stage_config(config, item.stage),
                     imported_by="rae_jax.pipeline.release.import_release")
-        weights.save_weights(staging, item.stage, params, converted, meta)
+        snapshots.save_weights(staging, item.stage, params, converted, meta)
         del params
-        if weights.latest_checkpoint_step(workdir, item.stage) is not None:
+        if snapshots.latest_checkpoint_step(workdir, item.stage) is not None:
           logging.warning("%s already holds a training checkpoint, which inference prefers over "
-                          "the imported snapshot", weights.checkpoint_dir(workdir, item.stage))
+                          "the imported snapshot", snapshots.checkpoint_dir(workdir, item.stage))
       del converted
       summary[item.stage] = info
       logging.info("import_torch: %s <- %s (%s; entries %s)", item.stage, item.tensors.path,
@@ -436,9 +436,9 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
           os.makedirs(os.path.dirname(dst), exist_ok=True)
           os.replace(os.path.join(staging, builders.STATS_FILE), dst)
         else:
-          dst = weights.weights_dir(workdir, item.stage)
+          dst = snapshots.weights_dir(workdir, item.stage)
           os.makedirs(os.path.dirname(dst), exist_ok=True)
-          replace_dir(weights.weights_dir(staging, item.stage), dst)
+          replace_dir(snapshots.weights_dir(staging, item.stage), dst)
       shutil.rmtree(staging)
     multihost.barrier("rae_jax_import_published")
   except BaseException:
@@ -453,8 +453,8 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
 
 
 def _has_stage(workdir: str, stage: str) -> bool:
-  return (weights.has_weights(workdir, stage)
-          or weights.latest_checkpoint_step(workdir, stage) is not None)
+  return (snapshots.has_weights(workdir, stage)
+          or snapshots.latest_checkpoint_step(workdir, stage) is not None)
 
 
 def _export_state_dict(config: mlc.ConfigDict, stage: str, params) -> dict[str, np.ndarray]:
@@ -550,7 +550,7 @@ def _read_only_fs(path: str) -> bool:
 def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> str:
   """Write <workdir>/export/ from whatever the workdir has; returns that directory.
 
-  Weights come from weights.load_params (newest training checkpoint, else the imported
+  Weights come from snapshots.load_params (newest training checkpoint, else the imported
   snapshot; `which` = 'ema' | 'params'), stats from builders.stats_path (config.stats.path, else
   <workdir>/stats/stat.npz). Every process must call it; process 0 writes.
   """
@@ -589,7 +589,7 @@ def export_release(config: mlc.ConfigDict, workdir: str, which: str = "ema") -> 
         manifest_sd = {k: v for k, v in manifest[f"{stem}.pt"].items() if k in sd}
         source = stats_file
       elif stage in stages:
-        params, source = weights.load_params(workdir, stage, mesh, which)
+        params, source = snapshots.load_params(workdir, stage, mesh, which)
         sd = _export_state_dict(config, stage, params)
         del params
         manifest_sd = manifest[f"{stem}.pt"]

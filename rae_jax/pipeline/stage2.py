@@ -11,9 +11,9 @@ import numpy as np
 from absl import logging
 
 from rae_jax import data as data_lib
-from rae_jax.eval import generation
+from rae_jax.eval import sample_shards
 from rae_jax.models.layers import draw_label_drop, to_layout
-from rae_jax.pipeline import builders, common, generate, images, loaders, weights
+from rae_jax.pipeline import builders, common, image_generator, images, loaders, snapshots
 from rae_jax.pipeline.latents import LATENT_CACHE
 from rae_jax.train import loop as loop_lib
 from rae_jax.train import memory as memory_lib
@@ -84,7 +84,7 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   mesh = common.make_mesh(config)
   rae, rae_vars = loaders.load_inference_rae(config, workdir, mesh)
   model = builders.build_stage2_model(config.model, builders.compute_dtype(config))
-  transport = generate.transport_for(config, rae.latent_shape)
+  transport = image_generator.transport_for(config, rae.latent_shape)
   s2 = config.stage2
   from_cache = bool(s2.use_latent_cache)
   if from_cache:
@@ -100,8 +100,8 @@ def train_stage2(config: mlc.ConfigDict, workdir: str):
   latent_shape = rae.latent_shape
   init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
   imported = None
-  if weights.has_weights(workdir, builders.STAGE2_DIR):
-    imported, desc = weights.load_params(workdir, builders.STAGE2_DIR, mesh, "ema")
+  if snapshots.has_weights(workdir, builders.STAGE2_DIR):
+    imported, desc = snapshots.load_params(workdir, builders.STAGE2_DIR, mesh, "ema")
     imported = to_layout(imported, model.layer_layout, model.scan_layers)  # either scan_layers
     logging.info("stage 2 starts from %s", desc)
 
@@ -182,7 +182,7 @@ def _guidance_during_training(config: mlc.ConfigDict, workdir: str, mesh):
   if g.method != "autoguidance" or float(g.scale) == 1.0:
     return config, None, None
   try:
-    guide_params, desc = weights.load_params(workdir, builders.GUIDE_DIR, mesh, "ema")
+    guide_params, desc = snapshots.load_params(workdir, builders.GUIDE_DIR, mesh, "ema")
   except FileNotFoundError:
     logging.warning("Autoguidance configured but no guide weights in %s: training-time samples "
                     "and online eval are unguided.", workdir)
@@ -199,10 +199,10 @@ def _sample_hook(config, workdir, model, rae, rae_vars, transport, mesh, writer,
   """Every log.sample_every_steps: a class-per-row grid from the EMA params."""
   # Batch-sharded like eval: each device generates its share, not every image.
   n = min(config.sample.num_images, 8 * config.data.num_classes)
-  sampler = generation.ShardedSampler(
-      generate.make_generate(config, model, rae, transport, guide_model=guide_model), mesh,
+  sampler = sample_shards.ShardedSampler(
+      image_generator.make_generate(config, model, rae, transport, guide_model=guide_model), mesh,
       per_device_batch=-(-n // mesh_lib.num_batch_shards(mesh)))
-  labels = generate.class_labels(n, config.data.num_classes)
+  labels = image_generator.class_labels(n, config.data.num_classes)
   idx = np.arange(n, dtype=np.int32)
   key = jax.random.PRNGKey(config.seed + 1)
 

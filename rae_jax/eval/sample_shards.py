@@ -57,7 +57,7 @@ class ShardedSampler:
   """uint8 samples for any global sample indices, generated in batch-sharded global batches.
 
   `generate(params, guide_params, rae_vars, labels, indices, seed_key) -> images in [0,1]`
-  (`pipeline.generate.make_generate`). The batch is per_device_batch x (batch shards of the
+  (`pipeline.image_generator.make_generate`). The batch is per_device_batch x (batch shards of the
   mesh); a short last batch is padded with repeats of its last index and the padding dropped.
   Images stay batch-sharded on device (replicating them cost every device the whole batch:
   1.6 GB per batch at 256 devices); `local` hands each process only its own rows.

@@ -10,8 +10,8 @@ from absl import logging
 
 from rae_jax import storage
 
-from rae_jax.eval import generation
-from rae_jax.pipeline import common, generate, images
+from rae_jax.eval import sample_shards
+from rae_jax.pipeline import common, image_generator, images
 from rae_jax.pipeline.loaders import load_models
 from rae_jax.train import multihost
 
@@ -26,17 +26,17 @@ def requested_labels(config: mlc.ConfigDict) -> np.ndarray:
       raise ValueError(f"config.sample.classes has labels {bad.tolist()} outside "
                        f"[0, {config.model.num_classes})")
     return np.repeat(classes, -(-n // len(classes)))[:n].astype(np.int32)
-  return generate.class_labels(n, config.model.num_classes, "equal")
+  return image_generator.class_labels(n, config.model.num_classes, "equal")
 
 
 def generate_batched(config, generate_fn, params, guide_params, rae_vars, labels, mesh,
                      seed_key) -> np.ndarray:
   """uint8 NHWC images for `labels` (sample i has index i), generated batch-sharded.
 
-  generate_fn is the un-jitted `generate.make_generate(...)`; images stay sharded on device
+  generate_fn is the un-jitted `image_generator.make_generate(...)`; images stay sharded on device
   (eval.generation.ShardedSampler) and only their uint8 form reaches the host.
   """
-  sampler = generation.ShardedSampler(generate_fn, mesh, max(config.eval.per_device_batch, 1))
+  sampler = sample_shards.ShardedSampler(generate_fn, mesh, max(config.eval.per_device_batch, 1))
   labels = np.asarray(labels, np.int32)
   return sampler(params, guide_params, rae_vars, labels, np.arange(len(labels), dtype=np.int32),
                  seed_key)
@@ -46,8 +46,8 @@ def run_sample(config: mlc.ConfigDict, workdir: str) -> str:
   mesh = common.make_mesh(config)
   model, params, guide_model, guide_params, rae, rae_vars = load_models(
       config, workdir, mesh, "ema" if config.sample.use_ema else "params")
-  transport = generate.transport_for(config, rae.latent_shape)
-  gen = generate.make_generate(config, model, rae, transport, guide_model=guide_model)
+  transport = image_generator.transport_for(config, rae.latent_shape)
+  gen = image_generator.make_generate(config, model, rae, transport, guide_model=guide_model)
   labels = requested_labels(config)
   key = jax.random.PRNGKey(config.seed)
   imgs = generate_batched(config, gen, params, guide_params, rae_vars, labels, mesh, key)

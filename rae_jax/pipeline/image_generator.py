@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from rae_jax.diffusion import sampling
+from rae_jax.diffusion import samplers
 from rae_jax.diffusion.transport import Transport, transport_from_config
 
 
@@ -62,13 +62,13 @@ def make_generate(config: mlc.ConfigDict, model, rae, transport: Transport, *,
 
   def generate(params, guide_params, rae_vars, labels, indices, seed_key):
     noise = index_noise(seed_key, indices, latent_shape)
-    model_fn = sampling.make_model_fn(
+    model_fn = samplers.make_model_fn(
         apply_fn, params, labels, guidance=method, scale=float(g.scale),
         interval=(g.t_min, g.t_max), null_class=null_class, guide_apply_fn=guide_apply,
         guide_params=guide_params)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(seed_key, 1 << 30), i))(
         indices)  # SDE only (unused, so not computed, for ODE)
-    latents = sampling.sample(transport, model_fn, noise, mode=mode, key=keys, **kwargs)
+    latents = samplers.sample(transport, model_fn, noise, mode=mode, key=keys, **kwargs)
     images = rae.decode(rae_vars, latents)
     return jnp.clip(images, 0.0, 1.0)
 
