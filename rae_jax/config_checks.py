@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import ml_collections as mlc
 
+from rae_jax.data.sources import SOURCES as DATA_SOURCES
 from rae_jax.models.vit_encoders import ALIASES, ENCODERS, encoder_spec
 
 
@@ -25,7 +26,6 @@ class IgnoredFieldWarning(UserWarning):
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # builders.compute_dtype; auto: bf16 off CPU
-DATA_SOURCES = ("tfds", "image_folder", "synthetic", "latents")
 
 
 def latent_grid(config: mlc.ConfigDict) -> int:

@@ -7,7 +7,7 @@ a lazy import is still a dependency. The layers, bottom up:
   eval -> models, diffusion, train (mesh helpers)
   interop -> what it reads weights into (models, losses, eval) and train -- never pipeline
   pipeline -> all of the above;  modes (the CLI table) -> pipeline
-Root helpers: presets, atomic and rae_jax/__init__ import nothing; config_checks -> models;
+Root helpers: presets, atomic and rae_jax/__init__ import nothing; config_checks -> models, data;
 storage (the path layer for local disk and gs://) -> atomic, and every layer may import it.
 """
 import ast
@@ -26,7 +26,7 @@ ALLOWED = {
     "interop": {"models", "losses", "eval", "train", "atomic", "storage"},
     "pipeline": {"models", "diffusion", "losses", "data", "train", "eval", "interop",
                  "config_checks", "presets", "atomic", "storage", "progress"},
-    "config_checks": {"models", "storage"},
+    "config_checks": {"models", "data", "storage"},
     "presets": set(),
     "atomic": set(),
     "storage": {"atomic"},  # the one path layer (contract C8): every layer may use it
