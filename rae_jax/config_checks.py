@@ -44,6 +44,25 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
+def check_dino_weights(s1: mlc.ConfigDict, required: bool = True) -> None:
+  """The DINO discriminator's frozen ViT weights: present (local or gs://) when named, and named
+  while the GAN term is on (unless a test asks for random ones). The one check: at start
+  (`required=False`: the recipes leave the path to the user) and in stage 1's entry point."""
+  disc = s1.disc
+  if not disc.enabled or float(s1.loss.disc_weight) <= 0 or disc.get("random_init", False):
+    return
+  if not disc.dino_ckpt_path and not required:
+    return
+  if not disc.dino_ckpt_path:
+    raise ConfigError(
+        "config.stage1.disc.enabled needs the DINO weights: set config.stage1.disc.dino_ckpt_path "
+        "to the official 'dino_vit_small_patch8_224.pth' (or config.stage1.disc.random_init=True "
+        "for tests)")
+  from rae_jax import storage  # pylint: disable=g-import-not-at-top
+  if not storage.isfile(disc.dino_ckpt_path):
+    raise ConfigError(f"config.stage1.disc.dino_ckpt_path={disc.dino_ckpt_path!r}: file not found")
+
+
 # Every numeric field where a negative or zero value means nothing (refused here rather than
 # accepted or silently replaced): rule -> fields. Tuples (DiTDH's (trunk, head) widths) are checked per entry.
 _OPTIMS = ("stage1.optim", "stage1.disc.optim", "stage2.optim")
@@ -193,10 +212,8 @@ def _check_basics(config: mlc.ConfigDict, mode: str, num_devices: int) -> None:
                         f"{config.data.source!r} reads from it")
     if not _is_remote(config.data.path) and not os.path.isdir(config.data.path):
       raise ConfigError(f"config.data.path={config.data.path!r}: no such directory")
-  disc = config.stage1.disc
-  if (mode in ("train_stage1", "all") and disc.enabled and disc.dino_ckpt_path and
-      not _is_remote(disc.dino_ckpt_path) and not os.path.exists(disc.dino_ckpt_path)):
-    raise ConfigError(f"config.stage1.disc.dino_ckpt_path={disc.dino_ckpt_path!r}: file not found")
+  if mode in ("train_stage1", "all"):
+    check_dino_weights(config.stage1, required=False)
   if config.stats.path and not _is_remote(config.stats.path) and not os.path.exists(
       config.stats.path):
     raise ConfigError(f"config.stats.path={config.stats.path!r}: file not found")

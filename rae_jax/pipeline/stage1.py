@@ -30,6 +30,7 @@ from absl import logging
 
 from rae_jax import data as data_lib
 from rae_jax import storage
+from rae_jax import config_checks
 from rae_jax.config_checks import ConfigError
 from rae_jax.losses import decoder_loss
 from rae_jax.losses import gan as gan_lib
@@ -120,11 +121,7 @@ def check_stage1_config(config: mlc.ConfigDict) -> LossSettings:
         f"'vgg16-397923af.pth' ({LPIPS_VGG_GLOB}) and the LPIPS '{LPIPS_LIN_FILE}', or set "
         f"config.stage1.loss.perceptual_weight=0")
   if s.gan_on:
-    if not s1.disc.dino_ckpt_path and not s1.disc.get("random_init", False):
-      raise ConfigError(
-          "config.stage1.disc.enabled needs the DINO weights: set config.stage1.disc.dino_ckpt_path "
-          "to the official 'dino_vit_small_patch8_224.pth' (or config.stage1.disc.random_init=True "
-          "for tests)")
+    config_checks.check_dino_weights(s1)
     if s.disc_updates < 1:
       raise ConfigError(f"config.stage1.loss.disc_updates={s.disc_updates} must be >= 1")
     try:
@@ -194,9 +191,7 @@ def frozen_dino_params(disc: DinoDiscriminator, d_cfg: mlc.ConfigDict, key: jax.
     logging.warning("config.stage1.disc.random_init: the DINO discriminator ViT is RANDOM (tests).")
     return jax.jit(lambda k: disc.init(k, _dummy_image())["params"]["dino"])(key)
   from rae_jax.interop.dino_weights import disc_variables_from_torch, load_dino_checkpoint
-  path = d_cfg.dino_ckpt_path
-  if not storage.isfile(path):
-    raise ConfigError(f"config.stage1.disc.dino_ckpt_path={path!r}: file not found")
+  path = d_cfg.dino_ckpt_path  # checked by config_checks.check_dino_weights
   with storage.local_copy(path) as local:  # gs://: a local temporary copy
     variables = disc_variables_from_torch(disc, load_dino_checkpoint(local), rng=key, source=path)
   return variables["params"]["dino"]
