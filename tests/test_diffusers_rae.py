@@ -9,11 +9,11 @@ import torch
 from conftest import rel_err
 
 from rae_jax import presets
-from rae_jax.interop import diffusers_rae, release, stats as stats_lib
+from rae_jax.interop import diffusers_rae, stats as stats_lib
 from rae_jax.interop.common import StateDictError, flatten
 from rae_jax.interop.hf_encoders import load_hf_encoder
 from rae_jax.models.rae import RAE
-from rae_jax.pipeline import builders, snapshots
+from rae_jax.pipeline import builders, release, snapshots
 from rae_jax.pipeline.diffusers_export import export_diffusers
 
 transformers = pytest.importorskip("transformers")
@@ -217,3 +217,21 @@ def test_import_checks_the_folder_against_the_config(tmp_path):
   # export_torch afterwards keeps the diffusers export.
   release.export_release(c, str(tmp_path / "w"), "ema")
   assert os.path.isdir(out) and os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_export_with_the_encoder_folder_on_gcs(gcs, tmp_path):
+  """config.encoder.path on gs://: the export reads the folder through a local temporary copy and
+  writes the same files as from the local folder."""
+  from rae_jax import storage
+  local = hf_encoder_folder("dinov2_reg", tmp_path / "enc")
+  remote = gcs.url(f"diffusers-enc-{os.getpid()}-{tmp_path.name}")
+  storage.copy_tree(str(local), remote)
+  outs = []
+  for path in (str(local), remote):
+    c = rae_config("dinov2_reg", path)
+    workdir = str(tmp_path / ("w_local" if path == str(local) else "w_gcs"))
+    make_workdir(c, workdir)
+    outs.append(export_diffusers(c, workdir, "ema"))
+  for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+    with open(os.path.join(outs[0], name), "rb") as a, open(os.path.join(outs[1], name), "rb") as b:
+      assert a.read() == b.read(), name

@@ -5,6 +5,7 @@ and diffusers' constraints in rae_jax.interop.diffusers_rae.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -12,6 +13,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from rae_jax import storage
 from rae_jax.interop import diffusers_rae, hf_encoders, stats as stats_lib
 from rae_jax.interop.common import StateDictError
 from rae_jax.models.vit_encoders import canonical_encoder_name
@@ -34,7 +36,15 @@ def export_diffusers(config: mlc.ConfigDict, workdir: str, which: str = "ema") -
   if not config.encoder.path:
     raise ValueError("export_diffusers: config.encoder.path is empty (the frozen encoder's HF "
                      "folder or hub id is exported with the decoder)")
-  folder = hf_encoders.resolve_folder(config.encoder.path)
+  with contextlib.ExitStack() as stack:  # gs://: the encoder folder through a local temporary copy
+    if storage.is_remote(config.encoder.path):
+      folder = stack.enter_context(storage.local_dir(config.encoder.path))
+    else:
+      folder = hf_encoders.resolve_folder(config.encoder.path)
+    return _export(config, workdir, which, name, folder)
+
+
+def _export(config: mlc.ConfigDict, workdir: str, which: str, name: str, folder) -> str:
   enc = hf_encoders.load_hf_encoder(str(folder), name)
   decoder = release.decoder_module(config)
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
