@@ -355,3 +355,14 @@ def test_grad_accum_two_half_batches_equal_the_full_batch(lpips_dir, gan):
     np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-6 * scale)
   for e1, e2 in zip(jax.tree.leaves(s1.extra), jax.tree.leaves(s2.extra)):  # the D update
     np.testing.assert_allclose(e2, e1, rtol=1e-5, atol=1e-6)
+
+
+def test_lpips_weights_folder_on_gcs(lpips_dir, gcs):
+  """config.stage1.loss.lpips_weights on gs://: the same params as from the local folder."""
+  from rae_jax import storage
+  remote = gcs.url(f"lpips-{os.getpid()}")
+  storage.copy_tree(lpips_dir, remote)
+  local, got = stage1.load_lpips_folder(lpips_dir), stage1.load_lpips_folder(remote)
+  assert jax.tree.all(jax.tree.map(np.array_equal, local, got))
+  with pytest.raises(ConfigError, match="is not a folder"):
+    stage1.load_lpips_folder(remote + "-missing")
