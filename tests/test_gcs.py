@@ -383,3 +383,28 @@ def test_fid_reference_on_gcs(gcs, tmp_path):
   assert got.num_images == want.num_images == 3
   np.testing.assert_array_equal(got.mu, want.mu)
   np.testing.assert_array_equal(got.sigma, want.sigma)
+
+
+def test_dino_discriminator_weights_on_gcs(gcs, ref_dir, tmp_path):
+  """config.stage1.disc.dino_ckpt_path on gs://: the frozen DINO ViT loads as from local disk."""
+  import jax
+  import torch
+  import test_train_parity as tp
+  from conftest import seeded_state_dict
+  from rae_jax import storage
+  from rae_jax.pipeline import stage1
+  meta, _ = tp.load_case(ref_dir, "train1_rae")
+  config = tp.stage1_config(meta, ref_dir)
+  parts = stage1.build_parts(config, meta["steps_per_epoch"] * meta["batch"])
+  depth = 1 + max(parts.disc.vit_config()["key_depths"], default=0)
+  sd = seeded_state_dict(tp.dino_torch_shapes(meta["discriminator"]["recipe"], depth))
+  local = str(tmp_path / "dino.pth")
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, local)
+  config.stage1.disc.random_init = False
+  remote = _prefix(gcs, "dino") + "/dino.pth"
+  storage.copy_file(local, remote)
+  got = []
+  for path in (local, remote):
+    config.stage1.disc.dino_ckpt_path = path
+    got.append(stage1.frozen_dino_params(parts.disc, config.stage1.disc, jax.random.PRNGKey(0)))
+  assert jax.tree.all(jax.tree.map(np.array_equal, *got))
