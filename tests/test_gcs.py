@@ -408,3 +408,21 @@ def test_dino_discriminator_weights_on_gcs(gcs, ref_dir, tmp_path):
     config.stage1.disc.dino_ckpt_path = path
     got.append(stage1.frozen_dino_params(parts.disc, config.stage1.disc, jax.random.PRNGKey(0)))
   assert jax.tree.all(jax.tree.map(np.array_equal, *got))
+
+
+def test_fid_inception_weights_on_gcs(gcs, ref_dir, tmp_path):
+  """eval.inception_weights on gs:// (a .npz copy of pytorch-fid's weights): the same params."""
+  import json
+  import jax
+  from conftest import seeded_state_dict
+  from rae_jax import storage
+  from rae_jax.interop import inception_weights
+  sd = seeded_state_dict(json.loads((ref_dir / "fid_inception.state_dict.json").read_text()))
+  local = str(tmp_path / "inception.npz")
+  np.savez(local, **sd)
+  remote = _prefix(gcs, "inception") + "/inception.npz"
+  storage.copy_file(local, remote)
+  (want, r1), (got, r2) = (inception_weights.load_fid_inception_or_random(p, jax.random.PRNGKey(0))
+                           for p in (local, remote))
+  assert not r1 and not r2
+  assert jax.tree.all(jax.tree.map(np.array_equal, want, got))
