@@ -1,4 +1,4 @@
-"""The one path layer for workdir and input files: local disk, NFS or `gs://` (contract C8).
+"""The one path layer for workdir and input files: local disk, NFS or `gs://`.
 
 Paths stay plain strings everywhere (`os.path.join` is correct for `gs://b/x` too); every
 operation that touches storage goes through this module, which uses `os` for local paths and

@@ -1,4 +1,4 @@
-"""A local GCS emulator for the gs:// tests (contract C8): gcp-storage-emulator, in process.
+"""A local GCS emulator for the gs:// tests: gcp-storage-emulator, in process.
 
 `start()` serves an in-memory GCS on 127.0.0.1 with one bucket and points every client at it
 through the environment (inherited by the subprocesses the tests start):

@@ -1,4 +1,4 @@
-"""A run that fails, fails cleanly (issue 21), each fault injected for real: a full tmpfs, two
+"""A run that fails, fails cleanly, each fault injected for real: a full tmpfs, two
 real processes on one workdir, a read-only export/, a truncated .pt, a 16-bit PNG, a resume with
 a changed model, a negative num_steps."""
 import contextlib
@@ -277,8 +277,8 @@ def _export_cmd(workdir):
 
 def test_export_into_unwritable_export_dir_keeps_the_previous_one(tmp_path):
   """export/ not writable for the user (root without CAP_DAC_OVERRIDE, via setpriv: chmod
-  alone does not bind root). It used to publish the new export, leave export.old behind and
-  fail with `PermissionError: ... 'EARLIER_EXPORT.txt'`."""
+  alone does not bind root). The failure mode guarded: publishing the new export, leaving
+  export.old behind and failing with `PermissionError: ... 'EARLIER_EXPORT.txt'`."""
   if not shutil.which('setpriv'):
     pytest.skip('setpriv (util-linux) is needed to run the export without CAP_DAC_OVERRIDE')
   work = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))

@@ -82,7 +82,8 @@ def test_narrow_dit_warns_but_starts():
     (("stage2.ema_decay", 1.5), "config.stage2.ema_decay"),
 ])
 def test_bad_values_fail_up_front_before_anything_is_written(tmp_path, override, field):
-  """Each used to escape as KeyError/ZeroDivisionError/IndexError after the workdir was written."""
+  """Each fails as a ConfigError naming the field before the workdir is written (not as a
+  KeyError/ZeroDivisionError/IndexError later)."""
   from rae_jax import modes
   c = load_config("demo")
   path, value = override

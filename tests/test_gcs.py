@@ -1,4 +1,4 @@
-"""gs:// workdirs against a local GCS emulator (contract C8): the path layer, checkpoints with a
+"""gs:// workdirs against a local GCS emulator: the path layer, checkpoints with a
 damaged newest step, and the demo end to end (kill -9 and resume, eval, export).
 
 The emulator (tests/gcs_emulator.py, gcp-storage-emulator in this process) is the real test

@@ -217,7 +217,7 @@ def assert_files_bit_identical(original, exported_path):
 
 
 def test_import_then_export_of_official_files_is_bit_identical(ref_dir, tmp_path):
-  """issue 10: every tensor, RoPE / pos_embed buffers included, comes back bit-identical."""
+  """Every tensor, RoPE / pos_embed buffers included, comes back bit-identical."""
   c = ditdh_ref_config()
   c.guidance.guide_model = presets.lightning_dit(32, 2, 2, input_size=4, in_channels=16,
                                                  num_classes=10)
@@ -261,7 +261,7 @@ def test_training_checkpoint_keeps_model_and_ema_apart(ref_dir, tmp_path):
 
 
 def test_published_files_get_umask_permissions(trained, tmp_path):
-  """issue 10: user-facing files are 0644 under umask 022, not mkstemp's 0600."""
+  """User-facing files are 0644 under umask 022, not mkstemp's 0600."""
   from rae_jax.pipeline import images
   c, trained_dir, _ = trained
   old = os.umask(0o022)

@@ -29,7 +29,7 @@ ALLOWED = {
     "config_checks": {"models", "data", "storage"},
     "presets": set(),
     "atomic": set(),
-    "storage": {"atomic"},  # the one path layer (contract C8): every layer may use it
+    "storage": {"atomic"},  # the one path layer: every layer may use it
     "progress": set(),  # tqdm bars of the long passes: every layer may use it
     "workdir_lock": {"storage"},
     "modes": {"config_checks", "train", "pipeline", "presets", "workdir_lock", "storage"},

@@ -1,4 +1,4 @@
-"""Pod-scale correctness on forced host devices (issue 14): what only shows at scale, checked on
+"""Pod-scale correctness on forced host devices: what only shows at scale, checked on
 shardings, compiled HLO and memory of small models that take the same code paths."""
 import re
 
@@ -167,8 +167,8 @@ def _tiny_lightning(**kw):
 
 @pytest.mark.parametrize('family', ['ditdh', 'lightning'])
 def test_scanned_blocks_keep_activations_batch_sharded(family):
-  """scan_layers=True used to all-gather (B, N, D) activations of the global batch in every
-  block, and the per-sample conditioning (labels, t embedding, adaLN input) was gathered too;
+  """Without pins, scan_layers=True all-gathers (B, N, D) activations of the global batch in
+  every block, and the per-sample conditioning (labels, t embedding, adaLN input) too;
   the models' sharding constraints keep everything of the batch split (checked in the compiled
   HLO of the whole train step, forward and backward)."""
   import train_worker as tw
@@ -303,7 +303,7 @@ def test_memory_check_fails_before_compiling_with_the_fields_to_change():
 
 
 def test_memory_plan_picks_the_least_recompute_policy_that_fits():
-  """Issue 14 item 4 / issue 15 item 4: the plan walks RECOMPUTE_ORDER (remat off first) and the
+  """The plan walks RECOMPUTE_ORDER (remat off first) and the
   pod recipes default to remat with the policy their docstring's plan chose for 16 GiB chips."""
   import importlib.util
   import os

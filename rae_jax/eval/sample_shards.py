@@ -1,6 +1,6 @@
 """Sharded, resumable N-sample generation (ADM `samples.npz` layout).
 
-Sample i is a pure function of (weights, config, seed, i) (contract C5), so the N samples are cut
+Sample i is a pure function of (weights, config, seed, i), so the N samples are cut
 into fixed shards of `shard_size` indices, each written once, atomically, as
 <dir>/shard_XXXXX.npz {arr_0: uint8 NHWC, arr_1: labels, indices}. A restart skips every complete
 shard: a preempted 50k-sample run loses at most one shard of work. A manifest pins what the

@@ -528,8 +528,8 @@ def check_replaceable(final: str) -> None:
   """Export is all or nothing: publishing renames the previous export aside, renames the new
   one in and deletes the old one (carrying export_diffusers' folder over). Every directory
   that touches must be writable -- else stop before anything is published, naming it, and the
-  previous export stays exactly as it was (a read-only export/ used to get the new export
-  published, `export.old` left behind and an error naming no path)."""
+  previous export stays exactly as it was (never a half-published export, an `export.old`
+  left behind or an error naming no path)."""
   dirs = [os.path.dirname(os.path.abspath(final))]
   if os.path.isdir(final):
     dirs += [d for d, _, _ in os.walk(final)]
