@@ -319,9 +319,16 @@ def test_inputs_on_gcs_read_like_local_ones(gcs, ref_dir, tmp_path):
       c.interop.stats = f"{root}/tiny_stat.pt"
     release.import_release(c, str(tmp_path / where))
     outs[where] = release.export_release(c, str(tmp_path / where), "params")
+  # ... and a gs:// workdir: import_torch writes each item in place (no directory rename there).
+  c = tir.rae_ref_config(ref_dir)
+  release.import_release(c, f"{root}/workdir")
+  assert not storage.exists(f"{root}/workdir/{release.STAGING_DIR}")
+  outs["gcs_workdir"] = release.export_release(c, f"{root}/workdir", "params")
+  assert storage.is_remote(outs["gcs_workdir"])
   for name in ("decoder.safetensors", "stat.safetensors"):
-    with open(f"{outs['local']}/{name}", "rb") as a, open(f"{outs['gcs']}/{name}", "rb") as b:
-      assert a.read() == b.read(), name
+    want = storage.read_bytes(f"{outs['local']}/{name}")
+    for where in ("gcs", "gcs_workdir"):
+      assert storage.read_bytes(f"{outs[where]}/{name}") == want, (where, name)
 
   import jax
   from rae_jax.pipeline import builders

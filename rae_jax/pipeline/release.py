@@ -382,20 +382,28 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
     else:
       items.append(_open_and_validate(config, stage, field, spec))
 
-  # 2) Convert one file at a time into a staging dir, 3) publish by renames.
+  # 2) Convert one file at a time into a staging dir, 3) publish by renames. An object store
+  # has no directory rename: each item is written to its place, complete only once its own
+  # commit marker is (snapshot meta.json, encoder config.json, stat.npz as one object).
   primary = jax.process_index() == 0
-  created = not os.path.exists(workdir)
-  staging = os.path.join(workdir, STAGING_DIR)
+  remote = storage.is_remote(workdir)
+  created = not remote and not os.path.exists(workdir)
+  staging = workdir if remote else os.path.join(workdir, STAGING_DIR)
   summary = {}
   try:
-    if primary and os.path.exists(staging):
+    if primary and not remote and os.path.exists(staging):
       shutil.rmtree(staging)
     multihost.barrier("rae_jax_import_staging")
     for item in items:
       info = dict(source=item.tensors.path, spec=item.spec, entry=item.tensors.entry,
                   kind=_expected_kind(config, item.stage))
       if item.stage == ENCODER:
-        if primary:
+        if primary and remote:
+          with tempfile.TemporaryDirectory(prefix="rae-encoder-") as local:
+            diffusers_rae.write_encoder_folder(item.diffusers, os.path.join(local, ENCODER))
+            storage.publish_dir(os.path.join(local, ENCODER), os.path.join(workdir, ENCODER),
+                                marker="config.json")
+        elif primary:
           diffusers_rae.write_encoder_folder(item.diffusers, os.path.join(staging, ENCODER))
         info.update(written=os.path.join(workdir, ENCODER))
         summary[item.stage] = info
@@ -406,7 +414,7 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
       if item.stage == STATS:
         dst = os.path.join(staging, builders.STATS_FILE)
         if primary:
-          os.makedirs(os.path.dirname(dst), exist_ok=True)
+          storage.makedirs(os.path.dirname(dst))
           stats_lib.save_stats(converted, dst)
         info.update(keys=sorted(converted), shape=builders.stage2_latent_shape(config),
                     written=os.path.join(workdir, builders.STATS_FILE))
@@ -427,7 +435,7 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
       logging.info("import_torch: %s <- %s (%s; entries %s)", item.stage, item.tensors.path,
                    info["kind"], info.get("entries", item.tensors.entry))
     multihost.barrier("rae_jax_import_converted")
-    if primary:
+    if primary and not remote:
       for item in items:
         if item.stage == ENCODER:
           replace_dir(os.path.join(staging, ENCODER), os.path.join(workdir, ENCODER))
@@ -442,7 +450,7 @@ def import_release(config: mlc.ConfigDict, workdir: str) -> dict:
       shutil.rmtree(staging)
     multihost.barrier("rae_jax_import_published")
   except BaseException:
-    if primary:
+    if primary and not remote:
       shutil.rmtree(workdir if created else staging, ignore_errors=True)
     raise
   return summary
