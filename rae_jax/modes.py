@@ -14,6 +14,7 @@ import ml_collections as mlc
 from absl import logging
 
 from rae_jax import config_checks
+from rae_jax import storage
 from rae_jax import workdir_lock
 from rae_jax.train import mesh as mesh_lib
 
@@ -77,14 +78,12 @@ def check_resume_config(config: mlc.ConfigDict, workdir: str, mode: str) -> None
 def record_config(config: mlc.ConfigDict, workdir: str, mode: str) -> None:
   """config.<mode>.json (the latest start) and config_history/<UTC time>.<mode>.json (one per
   start that passed every check: the record of what each part of a run actually used)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   text = json.dumps(config.to_dict(), indent=2, default=str)
-  root = epath.Path(workdir)
   stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-  history = root / CONFIG_HISTORY / f"{stamp}.{mode}.{os.getpid()}.json"
-  history.parent.mkdir(parents=True, exist_ok=True)
-  history.write_text(text)
-  (root / f"config.{mode}.json").write_text(text)
+  storage.makedirs(os.path.join(workdir, CONFIG_HISTORY))
+  storage.write_text(os.path.join(workdir, CONFIG_HISTORY, f"{stamp}.{mode}.{os.getpid()}.json"),
+                     text)
+  storage.write_text(os.path.join(workdir, f"config.{mode}.json"), text)
 
 
 COMPILATION_CACHE = "compilation_cache"
@@ -136,8 +135,7 @@ def run(mode: str, config: mlc.ConfigDict, workdir: str):
   for w in caught:  # absl routes these to stderr on every process: loud, never lost
     logging.warning("%s: %s", w.category.__name__, w.message)
   check_resume_config(config, workdir, mode)
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  storage.makedirs(workdir)
   lock = (workdir_lock.hold(workdir, mode) if mode in WRITER_MODES
           else contextlib.nullcontext())
   with lock:

@@ -519,15 +519,14 @@ def saved_config(directory: str | os.PathLike) -> Optional[tuple[int, dict]]:
   """(step, config) recorded with the newest checkpoint in `directory` whose config item reads,
   or None. Reads only the small JSON item (no orbax manager, no arrays), so a resume can be
   checked for config drift before anything is written or restored."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  root = epath.Path(directory)
-  if not root.exists():
+  if not storage.isdir(directory):
     return None
-  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+  steps = sorted((int(n) for n in storage.listdir(directory) if n.isdigit()), reverse=True)
   for step in steps:
     try:
-      config = json.loads((root / str(step) / 'config' / 'metadata').read_text())
+      config = json.loads(storage.read_text(os.path.join(directory, str(step), 'config',
+                                                         'metadata')))
     except (OSError, ValueError):
       continue  # damaged or incomplete: the restore moves it aside
     if isinstance(config, dict) and config:
